@@ -125,9 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """Let `--alphas -20:20:401` through: argparse would read '-20:20:401' as an option."""
+    out = []
+    for arg in argv:
+        if out and out[-1] in VALUE_OPTIONS and arg.startswith("-") and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+VALUE_OPTIONS = {"--alphas", "--alpha-range", "--level", "--lam", "--budget"}
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     from ufmjax.io import CheckpointError
 
     handlers = {"train": cmd_train, "sweep": cmd_sweep}

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,10 @@ def restore_checkpoint(run_dir, template, step: int | None = None):
                 else "no checkpoint"
             raise CheckpointError(f"run folder {str(run_dir)!r}: {what}")
         step = good[0]
+        skipped = [s for s in all_steps(run_dir) if s > step]
+        if skipped:
+            warnings.warn(f"run folder {str(run_dir)!r}: checkpoints {skipped} fail their SHA-256 manifest "
+                          f"(truncated or corrupted); using step {step}", stacklevel=2)
     elif step not in good:
         raise CheckpointError(
             f"run folder {str(run_dir)!r}: checkpoint {step} is missing or fails its SHA-256 manifest")

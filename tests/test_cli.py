@@ -1,0 +1,82 @@
+"""The `ufmjax` command: train and sweep end to end, and user errors as exit status 2."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ufmjax.cli import main
+
+REQUIRED_KEYS = {"alphas", "probs_base", "delta_p", "tokens", "delta_p_concept", "delta_ce", "kl",
+                 "d_delta_p", "d_delta_p_concept", "d_delta_ce", "d2_delta_ce", "P", "N",
+                 "steering_vector", "concept_of", "meta"}
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "ufm", "--vocab", "9", "--concepts", "3", "--eps", "0.05", "--dim", "12",
+                 "--seed", "1", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_train_writes_a_run_folder(cli_run):
+    metrics = json.loads((cli_run / "metrics.json").read_text())
+    assert metrics["final_ce"] - metrics["entropy"] < 1e-4
+    config = json.loads((cli_run / "config.json").read_text())
+    assert config["model"] == "ufm" and config["ufm"]["dim"] == 12 and config["data"]["eps"] == 0.05
+
+
+@pytest.mark.parametrize("negatives", ["contrastive", "random"])
+def test_sweep_writes_documented_npz(cli_run, tmp_path, negatives):
+    out = tmp_path / "s.npz"
+    assert main(["sweep", str(cli_run), "--target", "1", "--negatives", negatives,
+                 "--alphas", "-10:10:41", "--float64", "--out", str(out)]) == 0
+    with np.load(out) as f:
+        assert REQUIRED_KEYS <= set(f.files)
+        meta = json.loads(str(f["meta"]))
+        assert meta["model"] == "ufm" and meta["target"] == 1 and meta["negatives"] == negatives
+        assert f["alphas"].shape == (41,) and f["delta_p"].shape == (41, 12, 9)
+        assert f["delta_p_concept"].shape == (41, 12, 3) and f["kl"].shape == (41, 12)
+        assert f["delta_p"].dtype == np.float64
+        assert f["delta_p_concept"][-1, :, 1].min() > 0  # the target concept rises
+        assert f["delta_ce"][20] == 0.0 or abs(f["delta_ce"][20]) < 1e-12
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--target", "3"], "target"),
+    (["--target", "0", "--negative-concept", "0"], "negative_concept"),
+    (["--target", "0", "--alphas", "1:2"], "alphas"),
+    (["--target", "0", "--alphas", "0:nan:5"], "alphas"),
+    (["--target", "0", "--alphas", "0:1:0"], "alphas"),
+    (["--target", "0", "--alphas", "5:1:3"], "alphas"),
+    (["--target", "0", "--layer", "1"], "layer"),
+    (["--target", "0", "--top-k", "20"], "top_k"),
+])
+def test_sweep_user_errors(cli_run, tmp_path, capsys, argv, match):
+    out = tmp_path / "bad.npz"
+    assert main(["sweep", str(cli_run), *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--vocab", "10"], "must divide vocab"),
+    (["--eps", "0.9"], "eps"),
+    (["--gamma", "0.2,0.3"], "gamma"),
+    (["--gamma", "a,b"], "gamma"),
+])
+def test_train_user_errors(tmp_path, capsys, argv, match):
+    out = tmp_path / "run"
+    assert main(["train", "ufm", *argv, "--out", str(out), "--quiet"]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_run_folder(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "missing"), "--target", "0", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["sweep", str(tmp_path), "--target", "0", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "not a ufmjax run" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
