@@ -79,10 +79,16 @@ def cmd_train(args) -> dict:
 
 
 def cmd_sweep(args):
-    if args.float64:
-        import jax
+    import contextlib
 
-        jax.config.update("jax_enable_x64", True)
+    import jax
+
+    # A scoped switch, not a global one: the CLI is also called in-process (tests, notebooks).
+    with jax.enable_x64(True) if args.float64 else contextlib.nullcontext():
+        _sweep(args)
+
+
+def _sweep(args):
     import jax.numpy as jnp
 
     from ufmjax import io
