@@ -154,15 +154,16 @@ def main(argv=None) -> int:
     try:
         if args.command in handlers:
             handlers[args.command](args)
+            rc = 0
         else:
-            __import__(f"ufmjax.cli_{args.command}", fromlist=["run"]).run(args)
+            rc = __import__(f"ufmjax.cli_{args.command}", fromlist=["run"]).run(args)
     except (ValueError, CheckpointError, FileNotFoundError) as e:
         print(f"ufmjax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ufmjax: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

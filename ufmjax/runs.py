@@ -53,6 +53,14 @@ def prepare_run_dir(out, force: bool = False) -> Path:
     return out
 
 
+def same_config(saved: dict, config: dict) -> bool:
+    """Whether a run folder's saved config is this one (versions aside; JSON turns tuples to lists)."""
+    def norm(c):
+        return json.loads(json.dumps({k: v for k, v in c.items() if k != "versions"}, default=io._json_default))
+
+    return norm(saved) == norm(config)
+
+
 def train_ufm_run(out, data_config: DataConfig, *, dim: int = 16, seed: int = 0,
                   train_config: TrainConfig = UFM_TRAIN_DEFAULTS, progress: bool = True,
                   force: bool = False) -> dict:
@@ -69,7 +77,7 @@ def train_ufm_run(out, data_config: DataConfig, *, dim: int = 16, seed: int = 0,
     cfg_path = out / io.CONFIG_FILE
     if cfg_path.is_file():
         old = io.read_json(cfg_path)
-        if {k: v for k, v in old.items() if k != "versions"} != {k: v for k, v in config.items() if k != "versions"}:
+        if not same_config(old, config):
             raise io.RunError(f"out {str(out)!r} holds a run with another configuration (use --force to replace it)")
         if io.run_finished(out):
             return io.read_json(out / io.METRICS_FILE)
