@@ -22,6 +22,7 @@ def _add_train(sub):
     u.add_argument("--steps", type=int, default=2000)
     u.add_argument("--lr", type=float, default=0.05)
     u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--ckpt-every", type=int, default=500, help="checkpoint interval in steps (0: at the end)")
     u.add_argument("--out", required=True, help="run folder to write")
     u.add_argument("--force", action="store_true", help="replace an existing run folder")
     u.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,7 +71,7 @@ def cmd_train(args) -> dict:
     data_cfg = DataConfig(vocab=args.vocab, concepts=args.concepts, eps=args.eps,
                           context_len=args.context_len, contexts_per_concept=args.contexts_per_concept,
                           gamma=floats("gamma", args.gamma), omega=floats("omega", args.omega), seed=args.seed)
-    train_cfg = TrainConfig(steps=args.steps, lr=args.lr, clip=0.0)
+    train_cfg = TrainConfig(steps=args.steps, lr=args.lr, clip=0.0, ckpt_every=args.ckpt_every)
     metrics = train_ufm_run(args.out, data_cfg, dim=args.dim, seed=args.seed, train_config=train_cfg,
                             progress=not args.quiet, force=args.force)
     print(f"final_ce={metrics['final_ce']:.6f} entropy={metrics['entropy']:.6f} "

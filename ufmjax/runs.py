@@ -24,7 +24,7 @@ from ufmjax.sweep import sweep, top_tokens
 from ufmjax.train import TrainConfig, restore_model, train
 from ufmjax.ufm import UFM, UFMConfig, ufm_loss
 
-UFM_TRAIN_DEFAULTS = TrainConfig(steps=2000, lr=0.05, clip=0.0)
+UFM_TRAIN_DEFAULTS = TrainConfig(steps=2000, lr=0.05, clip=0.0, ckpt_every=500)
 
 
 def versions() -> dict:
