@@ -186,8 +186,9 @@ def check_token_bumps(sweep: dict, peaks_MxV, *, target: int, sign: int = 1,
       sign: +1 for the alpha >= 0 half of the grid, -1 for alpha <= 0.
       delta_p_theory_AxMxK: optional Lemma B.3 values of delta_p on the sweep's grid.
     Returns:
-      dict with n_bumps (peaks strictly inside this half of the grid), n_monotone (tokens
-      with an infinite peak), kernel_peak_max_err (|zero of the kernel's d delta_p, linearly
+      dict with n_bumps (peaks strictly inside this half of the grid), n_peaks_at_0 (peaks
+      within half a grid step of 0, in neither half), n_monotone (tokens with an infinite
+      peak: increasing or decreasing on all of R), kernel_peak_max_err (|zero of the kernel's d delta_p, linearly
       interpolated on the grid - alpha_(j,z)|), grid_step, slope_sign_violations (grid points
       where the kernel's slope has the wrong sign for a bump), off_target_before_target (in
       every context each off-target peak precedes each target peak, Thm 3.3), order_margin
@@ -213,8 +214,12 @@ def check_token_bumps(sweep: dict, peaks_MxV, *, target: int, sign: int = 1,
     lo, hi = float(a_half.min()), float(a_half.max())
 
     pk_MxK = peaks[:, tokens]
-    inside = np.isfinite(pk_MxK) & (sign * pk_MxK > 0) & (pk_MxK > alphas[0]) & (pk_MxK < alphas[-1]) \
-        & (pk_MxK >= lo) & (pk_MxK <= hi)
+    step = _grid_step(alphas)
+    # A peak within half a grid step of 0 (e.g. exactly 0 in exact arithmetic, +-1e-6 after
+    # float32 training) belongs to neither half: counted apart, so counts do not flicker.
+    at_zero = np.isfinite(pk_MxK) & (np.abs(pk_MxK) < 0.5 * step)
+    inside = np.isfinite(pk_MxK) & ~at_zero & (sign * pk_MxK > 0) & (pk_MxK > alphas[0]) \
+        & (pk_MxK < alphas[-1]) & (pk_MxK >= lo) & (pk_MxK <= hi)
     errs, violations = [], 0
     for j, k in zip(*np.nonzero(inside)):
         a_star = pk_MxK[j, k]
@@ -243,9 +248,10 @@ def check_token_bumps(sweep: dict, peaks_MxV, *, target: int, sign: int = 1,
         "n_bumps": int(inside.sum()),
         "n_bumps_target": int(inside[:, T[tokens]].sum()),
         "n_bumps_off_target": int(inside[:, ~T[tokens]].sum()),
+        "n_peaks_at_0": int(at_zero.sum()),
         "n_monotone": int(np.sum(np.isinf(pk_MxK))),
         "kernel_peak_max_err": float(max(errs)) if errs else 0.0,
-        "grid_step": _grid_step(alphas),
+        "grid_step": step,
         "slope_sign_violations": violations,
         "contexts_checked_for_order": len(ordered),
         "off_target_before_target": bool(all(ordered)) if ordered else None,
@@ -517,12 +523,12 @@ def fig_delta_ce(near: dict, wide: dict | None, curvature: float, *, delta_ce_th
             ax.plot(wa, wd, color="tab:blue", lw=2.2, label=r"$\Delta$CE (sweep kernel)")
             ax.plot(wa, wq, color="black", ls=(0, (3, 2)), lw=1.0, label=r"$\frac{1}{2}c\alpha^2$")
             ax.axvspan(a.min(), a.max(), color="0.85", alpha=0.6, lw=0, label="left panel's range")
-            ax.set_ylim(-0.04 * wd.max(), 1.15 * wd.max())
+            ax.set_ylim(-0.04 * wd.max(), 1.5 * wd.max())  # headroom for the legend
             ax.set_xlim(wa.min(), wa.max())
             ax.set_title("wider range: the law is local only")
             ax.set_xlabel(r"steering strength $\alpha$ (dimensionless)")
             ax.set_ylabel(r"$\Delta\mathrm{CE}(\alpha)$ (nats)")
-            ax.legend(loc="lower right", frameon=False)
+            ax.legend(loc="upper left", frameon=True, framealpha=0.95, edgecolor="none")
             ax = axes[2]
             nz = wa != 0
             ax.plot(wa[nz], wd[nz] / wq[nz], color="tab:blue", lw=1.8)
