@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -222,7 +223,12 @@ def check_summary(result: dict, float64: bool) -> dict[str, bool]:
 
 
 def train_or_load(out, data_config: DataConfig, *, progress: bool = False):
-    """Load the finished UFM run at `out` if it was trained on `data_config`, else train it."""
+    """Load the finished UFM run at `out` if it was trained on `data_config`, else train it.
+
+    Checks the data config itself rather than relying on train_ufm_run's comparison, which
+    (as of this commit) sees JSON lists where the config holds tuples and so refuses to
+    reuse a finished run with non-uniform profiles.
+    """
     from ufmjax import io
     from ufmjax.runs import load_run, train_ufm_run
 
@@ -231,5 +237,8 @@ def train_or_load(out, data_config: DataConfig, *, progress: bool = False):
         cfg = io.load_run_config(out)
         if cfg.get("model") == "ufm" and DataConfig.from_dict(cfg["data"]) == data_config:
             return load_run(out)
-    train_ufm_run(out, data_config, progress=progress)
+    # Train in float32 whatever the sweep's precision: under jax_enable_x64 the UFM's
+    # initial parameters (hence the trained model) would be float64 and differ.
+    with jax.enable_x64(False):
+        train_ufm_run(out, data_config, progress=progress)
     return load_run(out)
