@@ -59,7 +59,18 @@ def test_figures_are_written_as_pngs(dirichlet_figures):
     for key, name in FIGURE_FILES.items():
         assert Path(result["files"][key]) == out / "dirichlet" / name
         assert_png(result["files"][key])
+    assert result["figures"] == [result["files"][k] for k in FIGURE_FILES]
     assert not list((out / "dirichlet").glob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_plots_forwards_ufm_figures(tmp_path, monkeypatch):
+    """`ufmjax reproduce` imports ufm_figures from ufmjax.plots."""
+    import ufmjax.figures
+
+    seen = {}
+    monkeypatch.setattr(ufmjax.figures, "ufm_figures", lambda *a, **k: seen.update(args=a, kwargs=k) or {})
+    plots.ufm_figures("RUN", tmp_path, 2, dtype="x")
+    assert seen == {"args": ("RUN", tmp_path, 2), "kwargs": {"dtype": "x"}}
 
 
 def test_numbers_of_a_correct_model(dirichlet_figures):

@@ -126,7 +126,8 @@ def ufm_figures(run, out_dir, target: int = 0, *, negatives: str = "contrastive"
       tie_rtol: see TIE_RTOL.
       dpi: PNG resolution.
     Returns:
-      dict: `files` (figure key -> path), one numbers dict per figure, `theory`
+      dict: `files` (figure key -> path), `figures` (the paths, in figure order), one
+      numbers dict per figure (`fig3`, `figB1`, `fig4`, `fig5`), `theory`
       (log-odds, peaks of the drawn contexts), `setup` and `seconds`.
     """
     t0 = time.perf_counter()
@@ -184,6 +185,7 @@ def ufm_figures(run, out_dir, target: int = 0, *, negatives: str = "contrastive"
     is_max, is_min = theory.extremal_tokens(M, rtol=tie_rtol)
     result.update(
         files=files,
+        figures=list(files.values()),
         theory={"log_odds": M, "M_max_tokens": np.flatnonzero(is_max), "M_min_tokens": np.flatnonzero(is_min),
                 "peaks_of_contexts_shown": {str(j): peaks[j] for j in contexts},
                 "tie_rtol": tie_rtol},
