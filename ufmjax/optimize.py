@@ -281,13 +281,18 @@ class Problem:
         """Per-row quantities [A, E] (value and derivatives) from kernel output."""
         T, E = self.target, self.contexts
         rows = {}
+        others = np.arange(self.num_concepts) != T
         for key, name, col in (("dp", "delta_p_concept", True), ("F", "concept_prob", True),
-                               ("ce", "delta_ce_ctx", False), ("kl", "kl", False)):
+                               ("Fnot", "concept_prob", False), ("ce", "delta_ce_ctx", None),
+                               ("kl", "kl", None)):
             vals = []
             for prefix in prefixes:
                 a = np.asarray(out[prefix + name], np.float64)
-                if col:
+                if col is True:
                     a = a[..., T]
+                elif col is False:
+                    # 1 - F_T summed from the other concepts: exact where F_T rounds to 1.
+                    a = a[..., others].sum(axis=-1)
                 vals.append(a[:, E] if batched else a[E])
             rows[key] = vals
         return rows
@@ -355,7 +360,7 @@ class Result:
     evaluations: int
     converged: bool
     message: str
-    kind: str
+    objective_kind: str
     method: str
     metric: str
     lam: float | None
@@ -395,6 +400,24 @@ def _jsonable(x):
 
 
 # ----------------------------------------------------------------------------- the Lagrangian
+
+def _logit_level(level: float) -> float:
+    return math.log(level) - math.log1p(-level)
+
+
+def _logit(F, Fnot):
+    """logit F = log F - log(1 - F) and its first two derivatives, from (value, d1, d2) of F and
+    of 1 - F (computed apart, so a saturated F keeps its precision); 0 slopes where it is infinite."""
+    (F0, F1, F2), (N0, N1, N2) = F, Fnot
+    with np.errstate(divide="ignore", invalid="ignore"):
+        F0, F1, F2, N0, N1, N2 = (np.asarray(a, np.float64) for a in (F0, F1, F2, N0, N1, N2))
+        val = np.log(F0) - np.log(N0)
+        a, b = F1 / F0, N1 / N0
+        d1 = a - b
+        d2 = F2 / F0 - a * a - N2 / N0 + b * b
+    finite = np.isfinite(val)
+    return val, np.where(finite, d1, 0.0), np.where(finite, d2, 0.0)
+
 
 @dataclass
 class _Point:
@@ -441,12 +464,15 @@ class _Solver:
         o, n = self.obj, self.n
         if o.kind == "level":
             f, gf, hf = -0.5 * float(x @ x), -x, -np.ones(n)
+            # The constraint in logits, logit(level) - logit(F) <= 0: F >= level exactly, but
+            # well scaled where F saturates (d logit F / d alpha = mu_T - mu_notT, Thm 3.6),
+            # where level - F would have a vanishing slope and a huge multiplier.
             if self.per_context:
-                Fv, F1, F2 = rows["F"]
-                g, gg, hg = o.level - Fv, np.diag(-F1), np.diag(-F2)
+                lg, lg1, lg2 = _logit(rows["F"], rows["Fnot"])
+                g, gg, hg = _logit_level(o.level) - lg, np.diag(-lg1), np.diag(-lg2)
             else:
-                Fv, F1, F2 = self.total(rows, "F")
-                g, gg, hg = np.array([o.level - Fv]), -F1[None], -F2[None]
+                lg, lg1, lg2 = _logit(self.total(rows, "F"), self.total(rows, "Fnot"))
+                g, gg, hg = np.array([_logit_level(o.level) - lg]), -lg1[None], -lg2[None]
         else:
             dp, dp1, dp2 = self.total(rows, "dp")
             D, D1, D2 = self.total(rows, o.metric)
@@ -507,7 +533,8 @@ def _newton_inner(s: _Solver, pt: _Point, mu, rho, tol, max_iter, info):
         L, grad, H = s.lagrangian(pt, mu, rho)
         gnorm = float(np.max(np.abs(grad)))
         info["grad_norm"] = gnorm
-        if gnorm <= tol:
+        # Relative to the size of the balanced terms (grad f = nu grad g at a constrained optimum).
+        if gnorm <= tol * max(1.0, float(np.max(np.abs(pt.gf)))):
             return pt, True, ""
         d = _model_direction(pt, mu, rho)
         if not float(grad @ d) < 0:
@@ -519,7 +546,7 @@ def _newton_inner(s: _Solver, pt: _Point, mu, rho, tol, max_iter, info):
             d *= cap / big
         slope = float(grad @ d)
         t, accepted = 1.0, None
-        for _ in range(40):
+        for _ in range(30):
             trial = s.point(pt.x + t * d)
             L_t, grad_t, _ = s.lagrangian(trial, mu, rho)
             if L_t <= L + 1e-4 * t * slope:
@@ -557,7 +584,12 @@ def _merit_fn(fn, rowwise, label_targets: bool, kind: str, metric: str, per_cont
         F_M = q["concept_prob"] @ consts["target"]
         if kind == "level":
             f = -0.5 * jnp.sum(x * x)
-            g = hyper["level"] - (F_M[consts["rows"]] if per_context else jnp.dot(w, F_M)[None])
+            Fnot_M = q["concept_prob"] @ (1.0 - consts["target"])
+            if per_context:
+                logit = jnp.log(F_M[consts["rows"]]) - jnp.log(Fnot_M[consts["rows"]])
+            else:
+                logit = (jnp.log(jnp.dot(w, F_M)) - jnp.log(jnp.dot(w, Fnot_M)))[None]
+            g = hyper["level"] - logit
         else:
             dp = jnp.dot(w, q["delta_p_concept"] @ consts["target"])
             D = jnp.dot(w, q["delta_ce_ctx"] if metric == "ce" else q["kl"])
@@ -604,7 +636,7 @@ def _optax_inner(s: _Solver, pt: _Point, mu, rho, tol, max_iter, info, method, l
                            s.per_context, method, lr)
     o = s.obj
     hyper = {"lam": jnp.asarray(o.lam or 0.0, pb.dtype), "budget": jnp.asarray(o.budget or 0.0, pb.dtype),
-             "level": jnp.asarray(o.level or 0.0, pb.dtype), "mu": jnp.asarray(mu, pb.dtype),
+             "level": jnp.asarray(_logit_level(o.level) if o.level else 0.0, pb.dtype), "mu": jnp.asarray(mu, pb.dtype),
              "rho": jnp.asarray(rho, pb.dtype)}
     params = pb.params
     x = jnp.asarray(pt.x, pb.dtype)
@@ -705,10 +737,10 @@ def _start(s: _Solver, alpha0: float):
             return min(pts, key=lambda p: p.g[0])
         return max(feas, key=lambda p: p.f)
     if not feas:
-        best = max(pts, key=lambda p: -p.g[0])
+        best = max(pts, key=lambda p: p.rows["F"][0] @ pb.w_E)
         raise ValueError(
             f"level {o.level:g} is above what any alpha reaches: the target-concept probability peaks at "
-            f"{o.level - best.g[0]:.6g} (alpha = {best.x[0]:.4g}) over |alpha| <= {s.alpha_max:g}")
+            f"{best.rows['F'][0] @ pb.w_E:.6g} (alpha = {best.x[0]:.4g}) over |alpha| <= {s.alpha_max:g}")
     return min(feas, key=lambda p: abs(p.x[0]))
 
 
@@ -858,7 +890,8 @@ def _result(s: _Solver, pt: _Point, mu, ok, msg, info, method, alpha_start, curv
     tot = pb.summary(pt.rows)
     if o.kind == "level":
         objective = float(np.abs(pt.x) @ pb.w_E) if s.per_context else float(abs(pt.x[0]))
-        constraint = float(np.max(pt.g))
+        # Reported in probability units: level - F (the largest over rows, per context).
+        constraint = float(np.max(o.level - pt.rows["F"][0])) if s.per_context else float(o.level - tot["F"])
     else:
         objective = float(pt.f)
         constraint = float(pt.g[0]) if pt.g.size else None
@@ -866,7 +899,7 @@ def _result(s: _Solver, pt: _Point, mu, ok, msg, info, method, alpha_start, curv
         alpha=_as_alpha(pt.x, s.per_context), objective=objective, delta_p_target=float(tot["dp"]),
         delta_ce=float(tot["ce"]), kl=float(tot["kl"]), target_prob=float(tot["F"]),
         iterations=int(info["iterations"]), evaluations=pb.evaluations, converged=bool(ok),
-        message=msg or ("converged" if ok else "not converged"), kind=o.kind, method=method,
+        message=msg or ("converged" if ok else "not converged"), objective_kind=o.kind, method=method,
         metric=o.metric, lam=o.lam, budget=o.budget, level=o.level, per_context=s.per_context,
         target=pb.target, contexts=pb.contexts.tolist(), grad_norm=float(info["grad_norm"]),
         constraint=constraint, multiplier=(np.asarray(mu).tolist() if np.size(mu) else None),
