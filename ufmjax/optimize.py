@@ -68,6 +68,9 @@ DEFAULT_LAM = {"penalised": 0.1, "budget": 0.0}
 LADDER = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 # Default learning rates of the first-order optax solvers (lbfgs finds its own by line search).
 DEFAULT_LR = {"adam": 0.05, "gd": 1.0}
+# A stationary point is called flat (not a strict optimum) when the smallest eigenvalue of the
+# Lagrangian's Hessian is below FLAT times its largest (or FLAT in absolute terms).
+FLAT = 1e-9
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -753,6 +756,28 @@ def _multiplier_guess(pt: _Point) -> np.ndarray:
 
 
 def _solve(s: _Solver, pt: _Point, method, tol, ftol, max_iter, max_outer, lr, info):
+    """Solve, then refuse to call a flat stationary point an optimum.
+
+    Where the model saturates (a GPT's normalised residual, Prop. 4.1) the objective plateaus and
+    its gradient vanishes to rounding at large |alpha|: a stationary point whose Lagrangian has
+    no curvature is not a strict maximum, and its alpha is arbitrary. Second-order check.
+    """
+    pt, mu, ok, msg = _solve_al(s, pt, method, tol, ftol, max_iter, max_outer, lr, info)
+    if ok:
+        _, _, H = s.lagrangian(pt, mu, info.get("rho", 10.0))
+        eig = np.linalg.eigvalsh(0.5 * (H + H.T))
+        info["curvature"] = float(eig.min())
+        if eig.min() <= FLAT * max(1.0, float(np.max(np.abs(eig)))):
+            where = _as_alpha(pt.x, s.per_context)
+            where = f"{where:.6g}" if isinstance(where, float) else "the returned alphas"
+            return pt, mu, False, (
+                f"flat stationary point at alpha = {where} (curvature {eig.min():.3g}): the objective plateaus "
+                "(saturating model, Prop. 4.1), so its optimum is not attained at a finite alpha or not unique; "
+                "add a penalty (lam) or a budget")
+    return pt, mu, ok, msg
+
+
+def _solve_al(s: _Solver, pt: _Point, method, tol, ftol, max_iter, max_outer, lr, info):
     """Augmented-Lagrangian outer loop (a single inner solve when there is no constraint)."""
     K = pt.g.size
     mu = _multiplier_guess(pt)
@@ -766,12 +791,14 @@ def _solve(s: _Solver, pt: _Point, method, tol, ftol, max_iter, max_outer, lr, i
         rho = float(np.clip(1e3 * curv / slope2, 10.0, 1e6))
     inner = (lambda p, m, r: _newton_inner(s, p, m, r, tol, max_iter, info)) if method == "newton" else \
         (lambda p, m, r: _optax_inner(s, p, m, r, tol, max_iter, info, method, lr))
+    info["rho"] = rho
     if K == 0:
         pt, ok, msg = inner(pt, mu, rho)
         return pt, mu, ok, msg
     prev = np.inf
     ok, msg = False, ""
     for outer in range(max_outer):
+        info["rho"] = rho
         pt, ok, msg = inner(pt, mu, rho)
         mu_new = np.maximum(0.0, mu + rho * pt.g)
         viol = float(np.max(np.abs(np.minimum(-pt.g, mu_new))))
