@@ -1,18 +1,17 @@
 """The sweep kernel against the closed forms of THEORY.md (float64) and against itself."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from conftest import random_data_config
 from ufmjax import sweep as sweep_mod
 from ufmjax import theory
-from ufmjax.data import ConceptData, select_steering_sets
+from ufmjax.data import select_steering_sets
 from ufmjax.runs import UFMRun, load_run, train_ufm_run
 from ufmjax.steering import linear_steered, ufm_steered, ufm_steering_vector
-from ufmjax.sweep import find_peaks, sweep
+from ufmjax.peaks import find_peaks
+from ufmjax.sweep import sweep
 from ufmjax.train import TrainConfig
 
 

@@ -67,6 +67,27 @@ def _check_profile(name: str, profile, concept_of_V: np.ndarray, G: int) -> np.n
     return arr
 
 
+def dirichlet_config(vocab: int = 12, concepts: int = 3, eps: float = 0.1,
+                     concentration: float = 2.0, seed: int = 0) -> DataConfig:
+    """A concept dataset with Dirichlet in-concept profiles gamma and omega (App. B.3).
+
+    Non-uniform profiles give every token its own log-odds, hence its own bump; profiles
+    breaking Assumption 1 (a_z > b_z) are redrawn from the same seeded generator.
+    """
+    if concepts < 2 or vocab % concepts:
+        raise ValueError(f"concepts (G={concepts}) must be >= 2 and divide vocab (V={vocab})")
+    s = vocab // concepts
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        gamma = np.concatenate([rng.dirichlet(np.full(s, concentration)) for _ in range(concepts)])
+        omega = np.concatenate([rng.dirichlet(np.full(s, concentration)) for _ in range(concepts)])
+        if np.all((1 - eps) * gamma > eps / (concepts - 1) * omega):
+            return DataConfig(vocab=vocab, concepts=concepts, eps=eps,
+                              gamma=tuple(float(x) for x in gamma), omega=tuple(float(x) for x in omega),
+                              seed=seed)
+    raise ValueError("could not draw Dirichlet profiles satisfying Assumption 1; lower eps")
+
+
 class ConceptData:
     """The exact next-token table p(z|c_j) of a DataConfig, its contexts and a sampler."""
 

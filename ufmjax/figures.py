@@ -12,12 +12,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ufmjax import plots, theory
-from ufmjax.data import ConceptData, DataConfig
+from ufmjax.data import ConceptData, DataConfig, dirichlet_config  # noqa: F401 (re-exported for experiments)
 from ufmjax.runs import ufm_sweep
 
 FIGURE_FILES = {
@@ -36,27 +35,6 @@ TIE_RTOL = 1e-3
 PEAK_RTOL_OF_STEP = 0.01
 # Fig. 5's "quadratic law holds near 0" check: relative gap at |alpha| <= 0.1 below this.
 DEPARTURE_NEAR = 0.1
-
-
-def dirichlet_config(vocab: int = 12, concepts: int = 3, eps: float = 0.1,
-                     concentration: float = 2.0, seed: int = 0) -> DataConfig:
-    """A concept dataset with Dirichlet in-concept profiles gamma and omega (App. B.3).
-
-    Non-uniform profiles give every token its own log-odds, hence its own bump; profiles
-    breaking Assumption 1 (a_z > b_z) are redrawn from the same seeded generator.
-    """
-    if vocab % concepts:
-        raise ValueError(f"concepts (G={concepts}) must divide vocab (V={vocab})")
-    s = vocab // concepts
-    rng = np.random.default_rng(seed)
-    for _ in range(1000):
-        gamma = np.concatenate([rng.dirichlet(np.full(s, concentration)) for _ in range(concepts)])
-        omega = np.concatenate([rng.dirichlet(np.full(s, concentration)) for _ in range(concepts)])
-        if np.all((1 - eps) * gamma > eps / (concepts - 1) * omega):
-            return DataConfig(vocab=vocab, concepts=concepts, eps=eps,
-                              gamma=tuple(float(x) for x in gamma), omega=tuple(float(x) for x in omega),
-                              seed=seed)
-    raise ValueError("could not draw Dirichlet profiles satisfying Assumption 1; lower eps")
 
 
 def default_contexts(data: ConceptData, P, N, target: int) -> list[int]:
@@ -225,22 +203,8 @@ def check_summary(result: dict, float64: bool) -> dict[str, bool]:
 
 
 def train_or_load(out, data_config: DataConfig, *, progress: bool = False):
-    """Load the finished UFM run at `out` if it was trained on `data_config`, else train it.
-
-    Checks the data config itself rather than relying on train_ufm_run's comparison, which
-    (as of this commit) sees JSON lists where the config holds tuples and so refuses to
-    reuse a finished run with non-uniform profiles.
-    """
-    from ufmjax import io
+    """Train a UFM run at `out` on `data_config`, or reuse it if it is finished; load it."""
     from ufmjax.runs import load_run, train_ufm_run
 
-    out = Path(out)
-    if io.run_finished(out):
-        cfg = io.load_run_config(out)
-        if cfg.get("model") == "ufm" and DataConfig.from_dict(cfg["data"]) == data_config:
-            return load_run(out)
-    # Train in float32 whatever the sweep's precision: under jax_enable_x64 the UFM's
-    # initial parameters (hence the trained model) would be float64 and differ.
-    with jax.enable_x64(False):
-        train_ufm_run(out, data_config, progress=progress)
+    train_ufm_run(out, data_config, progress=progress)
     return load_run(out)

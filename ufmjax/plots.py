@@ -552,11 +552,3 @@ def fig_delta_ce(near: dict, wide: dict | None, curvature: float, *, delta_ce_th
             ax.legend(loc="lower center", frameon=False)
         fig.suptitle(_with_subtitle(title or f"Fig. 5 ({PAPER}): cross-entropy cost of steering", subtitle))
     return fig, numbers
-
-
-def ufm_figures(run, out_dir, target: int = 0, **kwargs) -> dict:
-    """Figs. 3, B.1, 4, 5 of a UFM run: see ufmjax.figures.ufm_figures (imported lazily,
-    since ufmjax.figures builds on this module)."""
-    from ufmjax.figures import ufm_figures as _ufm_figures
-
-    return _ufm_figures(run, out_dir, target, **kwargs)

@@ -7,8 +7,6 @@ the figures inline. Sections are independent: one that fails is reported, the ot
 
 from __future__ import annotations
 
-import contextlib
-import json
 import shutil
 import time
 import traceback
@@ -20,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ufmjax import io, theory
-from ufmjax.data import DataConfig, reference_config, select_steering_sets
+from ufmjax.figures import check_summary, ufm_figures
+from ufmjax.data import dirichlet_config, reference_config, select_steering_sets
 from ufmjax.runs import load_run, train_ufm_run, versions
 from ufmjax.steering import ufm_steered, ufm_steering_vector
-from ufmjax.sweep import find_peaks, sweep
+from ufmjax.peaks import find_peaks
+from ufmjax.sweep import sweep
 
 
 @dataclass
@@ -62,14 +62,6 @@ def _rel(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-300))
 
 
-def profiled_config(seed: int = 0) -> DataConfig:
-    """V=12, G=3 with seeded non-uniform profiles, so that token bumps differ (Fig. 3)."""
-    rng = np.random.default_rng(seed)
-    gamma = np.concatenate([rng.dirichlet(np.full(4, 4.0)) for _ in range(3)])
-    omega = np.concatenate([rng.dirichlet(np.full(4, 4.0)) for _ in range(3)])
-    return DataConfig(vocab=12, concepts=3, eps=0.1, gamma=tuple(gamma), omega=tuple(omega), seed=seed)
-
-
 def ufm_section(out: Path, quick: bool, progress: bool) -> Section:
     """Every UFM law of THEORY.md, on the reference point and on a non-uniform dataset."""
     sec = Section("UFM (Sec. 3)")
@@ -82,7 +74,7 @@ def ufm_section(out: Path, quick: bool, progress: bool) -> Section:
               abs(ref_metrics["entropy"] - 1.33178) < 5e-6)
     sec.notes.append(f"reference UFM: final CE {ref_metrics['final_ce']:.7f} nats, entropy "
                      f"{ref_metrics['entropy']:.7f} nats, trained in {ref_metrics['seconds']:.1f} s")
-    train_ufm_run(out / "runs" / "ufm_profiled", profiled_config(), progress=progress)
+    train_ufm_run(out / "runs" / "ufm_profiled", dirichlet_config(), progress=progress)
     runs = {"reference": load_run(out / "runs" / "ufm_ref"), "profiled": load_run(out / "runs" / "ufm_profiled")}
 
     alphas = np.linspace(-60, 60, 241 if quick else 1025)
@@ -196,15 +188,13 @@ def ufm_section(out: Path, quick: bool, progress: bool) -> Section:
     sec.check("Thm 3.8: local quadratic law", "relative |dCE(0.01) - c/2 * 0.01^2|", quad_err, "< 1e-2",
               quad_err < 1e-2)
 
-    try:
-        from ufmjax.plots import ufm_figures
-    except ImportError:
-        sec.notes.append("figures skipped: ufmjax.plots is not installed")
-    else:
-        with jax.enable_x64(True):
-            for name in ("reference", "profiled"):
-                info = ufm_figures(runs[name], out / "figures" / f"ufm_{name}", target=0)
-                sec.figures += [str(Path(p).relative_to(out)) for p in info.get("figures", [])]
+    # Figs. 3, B.1, 4, 5, and the numbers each figure checks (float32, as a user runs it).
+    for name in ("reference", "profiled"):
+        info = ufm_figures(runs[name], out / "figures" / f"ufm_{name}", target=0)
+        sec.figures += [str(Path(p).relative_to(out)) for p in info["figures"]]
+        failed = [k for k, ok in check_summary(info, float64=False).items() if not ok]
+        sec.check(f"Figures ({name}): every figure check of ufmjax.figures", "failed checks: "
+                  + (", ".join(failed) if failed else "none"), len(failed), "= 0", not failed)
     return sec
 
 

@@ -40,8 +40,9 @@ class UFM(nnx.Module):
         self.config = config
         kw, kh = rngs.params(), rngs.params()
         scale = config.init_scale / jnp.sqrt(config.dim)
-        self.W = nnx.Param(scale * jax.random.normal(kw, (config.vocab, config.dim)))
-        self.H = nnx.Param(config.init_scale * jax.random.normal(kh, (config.dim, config.contexts)))
+        # Drawn in float32 whatever jax_enable_x64 says, so a run does not depend on that switch.
+        self.W = nnx.Param(scale * jax.random.normal(kw, (config.vocab, config.dim), jnp.float32))
+        self.H = nnx.Param(config.init_scale * jax.random.normal(kh, (config.dim, config.contexts), jnp.float32))
 
     def __call__(self) -> jax.Array:
         """Logits of every context, [M, V]."""
