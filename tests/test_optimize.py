@@ -297,3 +297,35 @@ def test_cli_writes_json_and_refuses_bad_requests(reference_run, tmp_path, capsy
     assert rc == 1 and "NOT CONVERGED" in capsys.readouterr().err
     assert json.loads(out.read_text())["converged"] is False
     assert not jax.config.jax_enable_x64, "the CLI must not leave float64 switched on"
+
+
+# ---------------------------------------------------------------- GPT closures
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_gpt_one_pass_rowwise_and_optimum(positions, x64):
+    """An (untrained) GPT: per-prompt alphas in one pass equal one evaluation per prompt, and the
+    optimiser's penalised optimum matches a dense grid on it."""
+    from flax import nnx
+
+    from ufmjax.cli_optimize import gpt_rowwise
+    from ufmjax.gpt import GPT, GPTConfig, steered_closure
+
+    model = GPT(GPTConfig(vocab=9, context=5, layers=1, width=16, heads=2), rngs=nnx.Rngs(0))
+    prompts = np.random.default_rng(0).integers(0, 9, size=(6, 4))
+    v = np.random.default_rng(1).normal(size=16)
+    steered = steered_closure(model, prompts, v, 1, positions)
+    params = opt._cast_floats(steered.params, jnp.float64)
+    a_M = jnp.linspace(-4.0, 6.0, 6)
+    np.testing.assert_allclose(np.asarray(jax.jit(gpt_rowwise(steered.fn))(params, a_M)),
+                               np.asarray(jax.jit(opt._diagonal_rowwise(steered.fn))(params, a_M)), atol=1e-10)
+    if positions == "last":
+        return
+    problem = Problem(steered, concept_of=np.arange(9) // 3, target=0)
+    obj = Objective("penalised", lam=0.05)
+    res = optimize(problem, obj)
+    grid = opt.grid_search(problem, obj, np.linspace(-20, 20, 4001))
+    if res.converged:
+        assert abs(res.alpha - grid["alpha"]) <= grid["spacing"]
+        assert -1e-12 <= res.objective - grid["objective"] <= 1e-6
+    else:
+        assert "not attained" in res.message

@@ -7,6 +7,7 @@ JSON (atomically). See `ufmjax.optimize` for what each objective maximises.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 HELP = "solve for the best steering strength alpha (penalised, budgeted or target level) by gradients"
@@ -63,7 +64,7 @@ def problem_from_run(run, target, *, negatives="contrastive", negative_concept=N
     """
     import numpy as np
 
-    from ufmjax.optimize import Problem
+    from ufmjax.optimize import Problem, register_rowwise
     from ufmjax.runs import UFMRun, versions
 
     if ce_against not in ("data", "model"):
@@ -114,6 +115,7 @@ def problem_from_run(run, target, *, negatives="contrastive", negative_concept=N
             ce_target = windows[:, -1] if ce_against == "data" else None
             extra = {}
         steered = steered_closure(model, prompts, v, layer, positions)
+        register_rowwise(steered.fn, gpt_rowwise(steered.fn))
         problem = Problem(steered, concept_of=concept_of, target=target, ce_target=ce_target, weights=weights,
                           contexts=contexts, dtype=dtype)
         meta = {"model": "gpt", "corpus": run.corpus, "run": str(run.path), "target": int(target),
@@ -125,6 +127,25 @@ def problem_from_run(run, target, *, negatives="contrastive", negative_concept=N
     meta["dtype"] = str(np.dtype(problem.dtype))
     meta["versions"] = versions()
     return problem, meta
+
+
+@functools.lru_cache(maxsize=64)
+def gpt_rowwise(fn):
+    """One-pass per-prompt alphas for a `gpt.steered_closure` fn (rows = prompts).
+
+    The closure adds `alpha * params["steer"]` to the cached residual (`h` [B, T, D], or `x`
+    [B, D] for last-position steering); scaling the steering vector per prompt and calling it at
+    alpha = 1 steers prompt j by alpha_j in one model evaluation instead of B.
+    (tests/test_optimize.py checks it against one evaluation per row.)
+    """
+    import jax.numpy as jnp
+
+    def rowwise(params, alpha_M):
+        lead = params["h"] if "h" in params else params["x"]
+        scale = alpha_M.reshape((-1,) + (1,) * (lead.ndim - 1))
+        return fn({**params, "steer": scale * params["steer"]}, jnp.ones((), alpha_M.dtype))
+
+    return rowwise
 
 
 def _int_target(target) -> int:

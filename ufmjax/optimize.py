@@ -67,7 +67,7 @@ DEFAULT_LAM = {"penalised": 0.1, "budget": 0.0}
 # Multiples of the closed-form start tried before descending (both signs): a coarse bracket.
 LADDER = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 # Default learning rates of the first-order optax solvers (lbfgs finds its own by line search).
-DEFAULT_LR = {"adam": 0.05, "gd": 1.0}
+DEFAULT_LR = {"adam": 0.05}  # gd: 1 / the largest curvature met on the start bracket
 # A stationary point is called flat (not a strict optimum) when the smallest eigenvalue of the
 # Lagrangian's Hessian is below FLAT times its largest (or FLAT in absolute terms).
 FLAT = 1e-9
@@ -223,10 +223,9 @@ class Problem:
             dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
         self.dtype = jnp.dtype(dtype)
         self.steered = steered
-        # One sweep at alpha = 0 validates every argument exactly as `ufmjax sweep` does and
-        # gives the values and first two derivatives at 0 the closed-form start needs.
+        # A values-only sweep at alpha = 0 validates every argument exactly as `ufmjax sweep` does.
         at0 = sweep(steered, [0.0], concept_of=concept_of, ce_target=ce_target, weights=weights,
-                    tokens=[0], derivatives=2, dtype=self.dtype)
+                    tokens=[0], derivatives=0, chunk_size=1, dtype=self.dtype)
         concept_of = np.asarray(concept_of)
         self.concept_of = concept_of
         G = int(concept_of.max()) + 1
@@ -275,8 +274,10 @@ class Problem:
 
         self.base = _base_fn(fn)(self.params, self.consts, label_targets=self.label_targets)
         self.rowwise, self.one_pass = rowwise_of(fn)
-        self.at0 = self._rows_from_kernel(at0, prefixes=("", "d_", "d2_"), batched=True)
-        self.evaluations = 1
+        self.evaluations = 0
+        # Values and two derivatives at alpha = 0, for the closed-form start. Every evaluation
+        # of a shared alpha goes through this one compiled shape (one alpha per call).
+        self.at0 = self.shared([0.0])
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -338,13 +339,20 @@ class Problem:
         alpha); for the UFM s = M + const, so it is Var_j(M) and ΔCE''(0) too (Thm 3.8).
         Returns [E] per-row curvatures (weight them with w_E for the objective's c).
         """
-        fn, params = self.steered.fn, self.params
-        logits, s = jax.jvp(lambda a: fn(params, a), (jnp.zeros((), self.dtype),), (jnp.ones((), self.dtype),))
-        p = jax.nn.softmax(logits, axis=-1)
-        mean = jnp.sum(p * s, axis=-1, keepdims=True)
-        var = jnp.sum(p * (s - mean) ** 2, axis=-1)
+        var = _fisher_fn(self.steered.fn)(self.params, jnp.zeros((), self.dtype))
         self.evaluations += 1
         return np.asarray(var, np.float64)[self.contexts]
+
+
+@functools.lru_cache(maxsize=64)
+def _fisher_fn(fn):
+    def fisher(params, zero):
+        logits, s = jax.jvp(lambda a: fn(params, a), (zero,), (jnp.ones_like(zero),))
+        p = jax.nn.softmax(logits, axis=-1)
+        mean = jnp.sum(p * s, axis=-1, keepdims=True)
+        return jnp.sum(p * (s - mean) ** 2, axis=-1)
+
+    return jax.jit(fisher)
 
 
 # ----------------------------------------------------------------------------- results
@@ -613,8 +621,8 @@ def _optax_step(fn, rowwise, label_targets, kind, metric, per_context, method, l
     elif method == "adam":
         tx = optax.adam(lr)
     else:
-        # The step size is a state hyperparameter: it shrinks as the penalty stiffens (see below).
-        tx = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
+        # Plain gradient descent with a fixed step (a state hyperparameter, set per inner solve).
+        tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
 
     @jax.jit
     def step(x, state, params, base, consts, hyper):
@@ -645,20 +653,29 @@ def _optax_inner(s: _Solver, pt: _Point, mu, rho, tol, max_iter, info, method, l
     x = jnp.asarray(pt.x, pb.dtype)
     state = tx.init(x)
     if method == "gd":
-        # Gradient descent is stable for lr < 2 / curvature; the penalty adds rho |grad g|^2 to it.
-        stiff = rho * float(np.max(np.sum(pt.gg ** 2, axis=1))) if pt.g.size else 0.0
-        state.hyperparams["learning_rate"] = jnp.asarray(lr / (1.0 + lr * stiff), pb.dtype)
+        # A fixed step is stable below 2 / curvature. Default: 1 / the largest curvature of the
+        # objective met so far (the start bracket, the start point; kernel second derivatives)
+        # plus what the penalty adds, nu |g''| + rho |grad g|^2. A given lr gets the penalty part only.
+        nu = np.maximum(0.0, mu + rho * pt.g)
+        stiff = float(np.max(nu @ np.abs(pt.hg))) + rho * float(np.max(np.sum(pt.gg ** 2, axis=1))) \
+            if pt.g.size else 0.0
+        s.curv_seen = max(getattr(s, "curv_seen", 0.0), float(np.max(np.abs(pt.hf))))
+        base_lr = 1.0 / max(s.curv_seen, 1e-12) if lr is None else lr
+        step_size = base_lr / (1.0 + base_lr * stiff)
+        info["lr"] = step_size
+        state.hyperparams["learning_rate"] = jnp.asarray(step_size, pb.dtype)
     cost = 1 if (pb.one_pass or not s.per_context) else pb.num_rows
-    if method == "lbfgs":
+    searched = method == "lbfgs"
+    if searched:
         pb.evaluations += cost  # the first value and gradient; later ones come from the line search
     converged, message = False, f"no convergence in {max_iter} iterations"
-    value0 = None
+    value0, still, best, since_best = None, 0, np.inf, 0
     for _ in range(max_iter):
         x_new, state_new, value, grad = step(x, state, params, pb.base, pb.consts, hyper)
         value0 = float(value) if value0 is None else value0
         gnorm = float(jnp.max(jnp.abs(grad)))
         info["grad_norm"] = gnorm
-        if method == "lbfgs":
+        if searched:
             pb.evaluations += cost * int(optax.tree_utils.tree_get(state_new, "num_linesearch_steps"))
         else:
             pb.evaluations += cost
@@ -667,6 +684,12 @@ def _optax_inner(s: _Solver, pt: _Point, mu, rho, tol, max_iter, info, method, l
             break
         if gnorm <= tol:
             converged, message = True, ""
+            break
+        still = still + 1 if bool(jnp.all(x_new == x)) else 0
+        best, since_best = (gnorm, 0) if gnorm < 0.5 * best else (best, since_best + 1)
+        if still >= 3 or (searched and since_best >= 25):
+            message = (f"{method} stalled at |grad| = {gnorm:.3g} > tol = {tol:g}: its line search finds no "
+                       "decrease (rounding level); loosen tol or use newton")
             break
         x, state = x_new, state_new
         info["iterations"] += 1
@@ -726,10 +749,11 @@ def _start(s: _Solver, alpha0: float):
     a0 = abs(alpha0) if alpha0 != 0 and np.isfinite(alpha0) else 1.0
     a0 = min(a0, s.alpha_max)
     ladder = np.array([r * a0 for r in LADDER if r * a0 <= s.alpha_max] + [s.alpha_max] * (o.kind == "level"))
-    cand = np.concatenate([[0.0], ladder, -ladder])
-    rows_A = pb.shared(cand)
-    pts = [s.make_point(np.array([a]), {k: [v[i] for v in vs] for k, vs in rows_A.items()})
-           for i, a in enumerate(cand)]
+    cand = np.concatenate([ladder, -ladder])
+    # One alpha per call: the shape Newton uses, so the bracket costs no extra compilation.
+    at0 = {k: [v[0] for v in vs] for k, vs in pb.at0.items()}
+    pts = [s.make_point(np.zeros(1), at0)] + [s.point(np.array([a])) for a in cand]
+    s.curv_seen = max(float(np.max(np.abs(p.hf))) for p in pts)
     s.ladder = (cand, pts)
     if o.kind == "penalised":
         return max(pts, key=lambda p: p.f)
@@ -833,7 +857,8 @@ def optimize(problem: Problem, objective: Objective, *, per_context: bool = Fals
       max_iter: iterations per inner solve (newton/lbfgs 100, adam/gd 5000).
       max_outer: multiplier updates of the augmented Lagrangian.
       alpha_max: the largest |alpha| searched; reaching it means no finite optimum was found.
-      lr: learning rate of adam / gd.
+      lr: learning rate of adam (default 0.05) and gd (default: 1 / the largest curvature of the
+        objective on the start bracket, from the kernel's second derivatives); lbfgs searches.
     Returns:
       Result. `converged` is False (with a `message`) when a tolerance was not met.
     """
@@ -851,8 +876,8 @@ def optimize(problem: Problem, objective: Objective, *, per_context: bool = Fals
     if not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     if lr is None:
-        lr = DEFAULT_LR.get(method, 1.0)
-    if not (_finite(lr) and lr > 0):
+        lr = DEFAULT_LR.get(method)
+    if lr is not None and not (_finite(lr) and lr > 0):
         raise ValueError(f"lr must be positive, got {lr!r}")
 
     t0 = time.perf_counter()
