@@ -452,6 +452,7 @@ class _Solver:
         self.E = problem.contexts.size
         self.n = self.E if per_context else 1
         self.path: list = []
+        self.eps = float(jnp.finfo(problem.dtype).eps)
 
     # -- values of f and g from per-row quantities ---------------------------------------------
 
@@ -564,7 +565,7 @@ def _newton_inner(s: _Solver, pt: _Point, mu, rho, tol, max_iter, info):
                 accepted = trial
                 break
             # Near the optimum L changes below rounding: accept a step that shrinks the gradient.
-            if abs(L_t - L) <= 1e-13 * (1.0 + abs(L)) and np.max(np.abs(grad_t)) < gnorm:
+            if abs(L_t - L) <= 1e3 * s.eps * (1.0 + abs(L)) and np.max(np.abs(grad_t)) < gnorm:
                 accepted = trial
                 break
             t *= 0.5
@@ -808,11 +809,15 @@ def _solve_al(s: _Solver, pt: _Point, method, tol, ftol, max_iter, max_outer, lr
     # Penalty weight: newton and lbfgs take a rho whose penalty curvature rho |grad g|^2 dominates
     # the objective's, so each multiplier update gains about three digits; the first-order
     # methods start softer (their step size must stay below 2 / curvature).
-    rho = 10.0
+    # The penalty multiplies the constraint's rounding error (eps |D|) into the gradient, so rho
+    # stays below what the gradient tolerance can resolve (about 1e6 in float64, 1e2 in float32).
+    g_scale = max(abs(s.obj.budget or 0.0), 1.0 if s.obj.kind == "level" else 0.0, 1e-3)
+    rho_max = float(np.clip(0.1 * tol / (s.eps * g_scale), 1.0, 1e12))
+    rho = min(10.0, rho_max)
     if K and method in ("newton", "lbfgs"):
         curv = max(float(np.max(np.abs(pt.hf))), 1e-6)
         slope2 = max(float(np.max(np.sum(pt.gg ** 2, axis=1))), 1e-12)
-        rho = float(np.clip(1e3 * curv / slope2, 10.0, 1e6))
+        rho = float(np.clip(1e3 * curv / slope2, min(10.0, rho_max), rho_max))
     inner = (lambda p, m, r: _newton_inner(s, p, m, r, tol, max_iter, info)) if method == "newton" else \
         (lambda p, m, r: _optax_inner(s, p, m, r, tol, max_iter, info, method, lr))
     info["rho"] = rho
@@ -834,7 +839,7 @@ def _solve_al(s: _Solver, pt: _Point, method, tol, ftol, max_iter, max_outer, lr
             # The inner gradient was taken with multipliers max(0, mu + rho g) = mu_new: KKT holds.
             return pt, mu, True, ""
         if viol > 0.25 * prev:
-            rho = min(rho * 10.0, 1e12)
+            rho = min(rho * 10.0, rho_max)
         prev = viol
     if ok:
         msg = f"constraint not met to {ftol:g} after {max_outer} multiplier updates (violation {viol:.3g})"
