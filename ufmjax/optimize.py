@@ -28,18 +28,29 @@ are compared on the same objective and the same budget); for `level`, every row 
 level, each with its own smallest |alpha_j|.
 
 How. Every quantity comes from the sweep kernel's own point function (`sweep._chunk_fn`: the
-kernel's `_quantities` with first and second derivatives in alpha by nested forward mode), so
-the optimiser measures exactly what `ufmjax sweep` reports. Constraints are handled by an
-augmented Lagrangian (method of multipliers); its inner problems are solved by
-  - "newton": Newton's method on the kernel's second derivatives (exact for a shared alpha;
-    per context the Hessian of every objective is diagonal plus one rank-one budget term, also
-    exact), with an eigenvalue-floored Hessian, a step cap and an Armijo line search;
-  - "lbfgs", "adam", "gd": optax solvers on reverse-mode gradients through the steered model.
+kernel's quantities with first and second derivatives in alpha by forward mode), so the
+optimiser measures exactly what `ufmjax sweep` reports; per context, row j's derivative in its
+own alpha_j comes from the same kernel applied to `alpha_M + t` at t = 0 (rows are independent).
+Constraints are handled by an augmented Lagrangian (method of multipliers); the level
+constraint is written in logits, logit(F) >= logit(level), which is well scaled where F
+saturates (d logit F / d alpha = mu_T - mu_notT, Thm 3.6). Inner problems are solved by
+  - "newton": Newton's method on the kernel's second derivatives (exact: for a shared alpha a
+    scalar; per context the Hessian is diagonal plus one rank-one budget term), with the set of
+    active penalty terms predicted at the step's end, an eigenvalue-floored Hessian, a step cap
+    and an Armijo line search;
+  - "lbfgs" (zoom line search), "adam" (fixed lr) and "gd" (fixed step 1 / the largest
+    curvature met on the start bracket): optax on reverse-mode gradients through the model.
 A closed-form start (the quadratic law near 0: D ≈ D'(0) alpha + c alpha^2 / 2, with c the
 Fisher curvature along the steering direction from one jvp, = sum_j pi_j Var_j(M) for the UFM,
-Thm 3.8) and a coarse geometric bracket around it choose where to start, so a multi-modal or
-plateauing landscape (GPTs: ΔCE flattens at large |alpha|, Prop. 4.1) is met honestly: if the
-iterates run to |alpha| = alpha_max the optimum is reported as not attained, never as found.
+Thm 3.8) and a coarse geometric bracket around it (both signs) choose where to start, so a
+multi-modal or plateauing landscape (GPTs: ΔCE flattens at large |alpha|, Prop. 4.1) is met
+honestly: iterates that run to |alpha| = alpha_max, or a stationary point without curvature
+(a plateau), are reported as `converged=False` with a message, never as an optimum.
+
+Evaluations count forward passes of the steered model over all its rows (with their
+forward-mode tangents for newton, a reverse pass for the optax solvers); a vector of per-row
+alphas costs one pass when the closure has a registered one-pass `rowwise` form (the UFM, linear
+closures, GPT closures via `ufmjax.cli_optimize.problem_from_run`), else one pass per row.
 """
 
 from __future__ import annotations
