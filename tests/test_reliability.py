@@ -100,3 +100,12 @@ def test_user_errors_print_no_traceback(tmp_path):
         r = subprocess.run([sys.executable, "-m", "ufmjax.cli", *argv], env=ENV, capture_output=True, text=True)
         assert r.returncode == 2, (argv, r.stderr)
         assert "Traceback" not in r.stderr and "error:" in r.stderr
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        io.write_json_atomic(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
