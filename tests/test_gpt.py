@@ -11,8 +11,18 @@ import pytest
 from flax import nnx
 
 from ufmjax import sweep as kernel
-from ufmjax.gpt import (GPT, GPTConfig, limit_logits, logits, next_token_loss, residual, steered_closure,
-                        steered_generate, steered_logits_full, steering_vector)
+from ufmjax.gpt import (
+    GPTConfig,
+    init_gpt,
+    limit_logits,
+    logits,
+    next_token_loss,
+    residual,
+    steered_closure,
+    steered_generate,
+    steered_logits_full,
+    steering_vector,
+)
 from ufmjax.gptrun import grid_extras, validity_range
 from ufmjax.steering import linear_steered
 
@@ -21,7 +31,7 @@ CFG = GPTConfig(vocab=11, context=8, layers=2, width=16, heads=2, mlp_ratio=2, i
 
 @pytest.fixture(scope="module")
 def model():
-    return GPT(CFG, rngs=nnx.Rngs(0))
+    return init_gpt(CFG, 0)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +112,8 @@ def swept(request, model, prompts, vec):
     steered_r = steered_closure(model, prompts, r, 1, positions)
     lim_r = limit_logits(model, r)
     limit_r = {s: grid_extras(steered_r, s * LIMIT_GRID, lim_r, chunk_size=4)["limit_distance"] for s in (1.0, -1.0)}
-    return dict(out=out, u=ex[1.0]["local_ufm_direction"], limit={s: e["limit_distance"] for s, e in ex.items()},
-                limit_r=limit_r)
+    return {"out": out, "u": ex[1.0]["local_ufm_direction"], "limit_r": limit_r,
+            "limit": {s: e["limit_distance"] for s, e in ex.items()}}
 
 
 def test_kernel_derivatives_equal_central_differences(swept):
@@ -168,9 +178,10 @@ def test_same_shape_models_share_one_compiled_kernel(model, prompts, vec):
     graphdef, state = nnx.split(model)
     a = nnx.merge(graphdef, jax.tree.map(lambda x: x * 1.5, state))
     b = nnx.merge(graphdef, jax.tree.map(lambda x: x * 0.5, state))
-    kernel.sweep(steered_closure(a, prompts, vec, 2, "last"), alphas, concept_of=concept_of, chunk_size=5)
+    kw = {"concept_of": concept_of, "chunk_size": 5, "derivatives": 0}
+    kernel.sweep(steered_closure(a, prompts, vec, 2, "last"), alphas, **kw)
     before = kernel.TRACE_COUNT
-    out = kernel.sweep(steered_closure(b, prompts, vec, 2, "last"), alphas, concept_of=concept_of, chunk_size=5)
+    out = kernel.sweep(steered_closure(b, prompts, vec, 2, "last"), alphas, **kw)
     assert kernel.TRACE_COUNT == before
     assert np.abs(out["delta_p"]).max() > 0
 
@@ -218,7 +229,7 @@ def test_model_is_causal_and_loss_is_the_weighted_next_token_ce(model, prompts):
 @pytest.mark.parametrize("norm,tied", [("rmsnorm", True), ("layernorm", False)])
 def test_norms_and_tying(norm, tied, prompts):
     cfg = GPTConfig(vocab=11, context=8, layers=1, width=16, heads=2, norm=norm, tied=tied, init_scale=0.3)
-    m = GPT(cfg, rngs=nnx.Rngs(1))
+    m = init_gpt(cfg, 1)
     assert (m.unembed is None) == tied
     if tied:
         np.testing.assert_array_equal(np.asarray(m.unembedding()), np.asarray(m.embed.embedding[...]))

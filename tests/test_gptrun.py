@@ -8,8 +8,14 @@ import pytest
 from flax import nnx
 
 from ufmjax import cli, io
-from ufmjax.gptrun import (TrainConfig, load_gpt_run, summarize_sweep, tanh_fit, train_gpt_run,
-                           gpt_sweep)
+from ufmjax.gptrun import (
+    TrainConfig,
+    gpt_sweep,
+    load_gpt_run,
+    summarize_sweep,
+    tanh_fit,
+    train_gpt_run,
+)
 from ufmjax.runs import load_run, load_sweep
 from ufmjax.text import TextConfig
 
@@ -29,8 +35,8 @@ def concept_runs(tmp_path_factory):
     whole, resumed = root / "whole", root / "resumed"
     assert cli.main(CONCEPT_ARGS + ["--out", str(whole)]) == 0
     cfg = io.read_json(whole / io.CONFIG_FILE)
-    kw = dict(gpt={"width": 16, "heads": 2, "mlp_ratio": 2}, batch=128, progress=False,
-              train_config=TrainConfig(**cfg["train"]))
+    kw = {"gpt": {"width": 16, "heads": 2, "mlp_ratio": 2}, "batch": 128, "progress": False,
+          "train_config": TrainConfig(**cfg["train"])}
     assert train_gpt_run(resumed, "concept", stop_after=50, **kw) == {}
     assert not io.run_finished(resumed) and io.verified_steps(resumed) == [40]
     metrics = train_gpt_run(resumed, "concept", **kw)
@@ -106,7 +112,7 @@ def test_text_run_beats_the_bigram_baseline_and_sweeps(tmp_path):
     """A 1-layer GPT on the first 150k characters of the docs: 300 steps beat the bigram
     baseline on the held-out end; then a text sweep toward uppercase."""
     metrics = train_gpt_run(tmp_path / "text", "text", text_config=TextConfig(max_chars=150_000),
-                            gpt=dict(layers=1, width=32, heads=2, context=16, mlp_ratio=2),
+                            gpt={"layers": 1, "width": 32, "heads": 2, "context": 16, "mlp_ratio": 2},
                             train_config=TrainConfig(steps=300, lr=1e-2, warmup=30), batch=32, progress=False)
     assert metrics["val_loss"] < metrics["bigram_val_loss"] < metrics["unigram_val_loss"]
     run = load_gpt_run(tmp_path / "text")
@@ -127,5 +133,5 @@ def test_text_run_beats_the_bigram_baseline_and_sweeps(tmp_path):
 
 def test_tanh_fit_recovers_a_sigmoid():
     x = np.linspace(-10, 10, 101)
-    r2, (a, b, c, d) = tanh_fit(x, 0.3 + 0.2 * np.tanh((x - 1.5) / 2.0))
+    r2, (_, b, c, _) = tanh_fit(x, 0.3 + 0.2 * np.tanh((x - 1.5) / 2.0))
     assert r2 > 0.9999 and abs(c - 1.5) < 0.3 and abs(b - 0.2) < 0.02

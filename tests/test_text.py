@@ -3,8 +3,18 @@
 import numpy as np
 import pytest
 
-from ufmjax.text import (CLASSES, TextConfig, TextCorpus, bundled_text, char_class, concept_index,
-                         normalize_text, steering_prompts, to_lower, to_upper)
+from ufmjax.text import (
+    CLASSES,
+    TextConfig,
+    TextCorpus,
+    bundled_text,
+    char_class,
+    concept_index,
+    normalize_text,
+    steering_prompts,
+    to_lower,
+    to_upper,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +89,7 @@ def test_case_flipped_pairs_are_exact_contrastive_pairs(corpus):
 
 def test_density_ranked_prompts_for_other_classes(corpus):
     P, N = steering_prompts(corpus, "digits", "contrastive", q=8, length=32, seed=0)
-    dens = lambda X: (corpus.concept_of[X] == 2).mean(axis=1)  # noqa: E731
+    dens = lambda X: (corpus.concept_of[X] == 2).mean(axis=1)
     assert dens(P).min() >= dens(N).max()
     overall = (corpus.concept_of[corpus.train_ids] == 2).mean()
     assert dens(P).mean() > 3 * overall

@@ -65,8 +65,8 @@ class GPTConfig:
             raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if not isinstance(self.tied, bool):
-            raise ValueError(f"tied must be a bool, got {self.tied!r}")
+        if not isinstance(self.tied, bool):  # a ValueError: the CLI reports it as a usage error
+            raise ValueError(f"tied must be a bool, got {self.tied!r}")  # noqa: TRY004
         if not (self.norm_eps > 0 and self.init_scale > 0):
             raise ValueError("norm_eps and init_scale must be positive")
 
@@ -74,7 +74,7 @@ class GPTConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict) -> GPTConfig:
         return cls(**d)
 
     @property
@@ -230,6 +230,17 @@ class GPT(nnx.Module):
             vs.append(v[:, :-1])
             h_BxTxD = block(h_BxTxD)
         return tuple(ks), tuple(vs)
+
+
+@functools.lru_cache(maxsize=32)
+def _init_fn(config: GPTConfig):
+    return nnx.jit(lambda key: GPT(config, rngs=nnx.Rngs(key)))
+
+
+def init_gpt(config: GPTConfig, seed: int = 0) -> GPT:
+    """A freshly initialised GPT, built by ONE compiled program (eagerly, every initializer of
+    a new shape would compile on its own: seconds on a small CPU)."""
+    return _init_fn(config)(jax.random.key(seed))
 
 
 def next_token_loss(model: GPT, batch):

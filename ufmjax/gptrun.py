@@ -27,8 +27,20 @@ from flax import nnx
 
 from ufmjax import io
 from ufmjax.data import ConceptData, DataConfig, select_steering_sets
-from ufmjax.gpt import (GPT, GPTConfig, check_layer, check_positions, limit_logits, logits,
-                        mean_residual, next_token_loss, steered_closure, steered_generate)
+from ufmjax.gpt import (
+    GPT,
+    GPTConfig,
+    check_layer,
+    check_positions,
+    init_gpt,
+    limit_logits,
+    logits,
+    mean_residual,
+    next_token_loss,
+    residual,
+    steered_closure,
+    steered_generate,
+)
 from ufmjax.runs import prepare_run_dir, versions
 from ufmjax.steering import Steered
 from ufmjax.sweep import check_alphas, default_chunk_size, sweep, top_tokens
@@ -38,10 +50,10 @@ from ufmjax.train import TrainConfig, restore_model, train
 CORPORA = ("concept", "text")
 
 # Defaults of `ufmjax train gpt` (measured on 2 CPU cores: concept ~10 s, text ~1.5 min).
-CONCEPT_GPT = dict(layers=1, width=32, heads=2, mlp_ratio=4)
+CONCEPT_GPT = {"layers": 1, "width": 32, "heads": 2, "mlp_ratio": 4}
 CONCEPT_TRAIN = TrainConfig(steps=500, lr=3e-3, warmup=50, weight_decay=0.0, clip=1.0)
 CONCEPT_BATCH = 256
-TEXT_GPT = dict(context=64, layers=2, width=64, heads=4, mlp_ratio=4)
+TEXT_GPT = {"context": 64, "layers": 2, "width": 64, "heads": 4, "mlp_ratio": 4}
 TEXT_TRAIN = TrainConfig(steps=1500, lr=3e-3, warmup=100, weight_decay=0.01, clip=1.0, eval_every=500)
 TEXT_BATCH = 32
 
@@ -50,6 +62,8 @@ TEXT_ROWS = 64       # held-out prompts of a text sweep
 TEXT_CE_PROMPTS = 16 # held-out prompts whose every position enters the all-positions CE
 PRESENCE_POINTS = 21 # alphas of the sampled-presence subgrid
 PRESENCE_THRESHOLD = 0.5  # a generation "shows" the concept if this share of its tokens is in it
+PRESENCE_SAMPLES = 64  # generations per alpha (the sweep's prompts, cycled)
+LIMIT_PROBE = 1e4      # Prop. 4.1 is also probed at alpha = ±1e4, beyond any grid
 
 
 # ---------------------------------------------------------------- training
@@ -174,7 +188,7 @@ def train_gpt_run(out, corpus: str = "concept", *, data_config: DataConfig | Non
     else:
         io.write_json_atomic(cfg_path, config)
 
-    model = GPT(gpt_config, rngs=nnx.Rngs(seed))
+    model = init_gpt(gpt_config, seed)
     if corpus == "concept":
         every = all_concept_contexts(source)
         batch_fn = concept_batch_fn(source, batch, seed)
@@ -234,7 +248,7 @@ def load_gpt_run(run_dir) -> GPTRun:
         if source.sha256 != cfg["text_sha256"]:
             raise io.RunError(f"run folder {str(run_dir)!r} was trained on another pydoc corpus "
                               f"(another Python version); its vocabulary no longer matches")
-    model = GPT(GPTConfig.from_dict(cfg["gpt"]), rngs=nnx.Rngs(0))
+    model = init_gpt(GPTConfig.from_dict(cfg["gpt"]))
     restore_model(model, run_dir)
     return GPTRun(Path(run_dir), cfg, cfg["corpus"], source, model, io.read_json(Path(run_dir) / io.METRICS_FILE))
 
@@ -429,6 +443,26 @@ def concept_presence(model: GPT, prompts, v_D, layer: int, alphas, target: int, 
 
 # ---------------------------------------------------------------- the sweep
 
+def sweep_rows(run: GPTRun) -> dict:
+    """The rows a sweep of this run evaluates and what they are measured against.
+
+    Concept data: the dataset's contexts, CE against p(z|c_j), weights pi (as for the UFM).
+    Text: TEXT_ROWS held-out prompts spread over the validation split, CE against the
+    character that follows each.
+    """
+    model = run.model
+    if run.corpus == "concept":
+        data = run.source
+        return {"prompts": data.contexts, "weights": data.pi, "ce_target": data.p_MxV,
+                "concept_of": data.concept_of, "new_tokens": model.config.context - data.contexts.shape[1],
+                "extra": {"p_data": data.p_MxV, "context_concept": data.context_concept}}
+    n = text_prompt_len(model)
+    windows = run.source.spaced_windows(n + 1, TEXT_ROWS, "val")
+    return {"prompts": windows[:, :-1], "weights": None, "ce_target": windows[:, -1],
+            "concept_of": run.source.concept_of, "new_tokens": min(16, model.config.context - n),
+            "extra": {"labels": windows[:, -1]}}
+
+
 def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", negative_concept=None,
               q: int | None = None, seed: int = 0, layer: int | None = None, positions: str = "all",
               ce_against: str = "data", top_k: int | None = None, derivatives: int = 2,
@@ -436,11 +470,28 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
               presence: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """Steer a trained GPT toward concept `target` at layer `layer` and sweep it. Returns (arrays, meta).
 
-    Rows: concept data: the dataset's contexts, CE against p(z|c_j) with weights pi (like the
-    UFM); text: TEXT_ROWS held-out prompts, CE against the observed next character. With
-    ce_against="model" the CE reference is the model's own unsteered distribution.
-    The .npz keys are the UFM's plus the GPT extras documented in README (limit_*, local_ufm_*,
-    text_*, presence_*, prompts, steer_prompts, labels).
+    Args:
+      run: a loaded GPT run.
+      alphas: the grid (any 1-D finite grid; the experiments use `scaled_grid`).
+      target: concept index (text: also a class name, e.g. "uppercase").
+      negatives, negative_concept, q, seed: the steering sets (`steering_sets`).
+      layer: residual layer in [0, L] (default ceil(L/2)); positions: "all" or "last".
+      ce_against: "data" (concept: p(z|c_j); text: the observed next character) or "model".
+      top_k: track only the k most likely tokens at the largest alpha (Fig. 6).
+      derivatives, chunk_size, dtype: as for the kernel.
+      extras: also compute the Prop. 4.1 limit, the local UFM and (text) all-position CE.
+      presence: also sample steered generations on a 21-point subgrid.
+    Returns:
+      arrays: the kernel's keys (as for the UFM) and P, N (indices into steer_prompts),
+        steering_vector, prompts [M, T] (the rows), steer_prompts; concept data: p_data,
+        context_concept; text: labels [M]. With extras: limit_logits [2, V] (LN(±v) W^T),
+        limit_distance [A], limit_probe_alphas / limit_probe_distance [2] (at ±1e4),
+        local_ufm_direction [M, V] (u), local_ufm_kl [A] (pi-weighted mean over rows),
+        local_ufm_kl_max [A], local_ufm_range [2], local_ufm_censored [2]; text:
+        text_delta_ce [A] (every position of held-out text steered) with d_ / d2_,
+        text_kl [A], text_concept_prob [A]. With presence: presence_alphas [A'],
+        concept_presence [A'], concept_share [A'].
+      meta: a JSON-able dict (model "gpt", corpus, layer, positions, target, ...).
     """
     t0 = time.perf_counter()
     model = run.model
@@ -454,23 +505,11 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
     steer_prompts, P, N = steering_sets(run, target, negatives, negative_concept, q, seed)
     v = gpt_steering_vector(model, steer_prompts, P, N, layer)
 
-    extra: dict[str, np.ndarray] = {}
-    if run.corpus == "concept":
-        data = run.source
-        prompts, labels, weights = data.contexts, None, data.pi
-        ce_target = data.p_MxV if ce_against == "data" else None
-        concept_of = data.concept_of
-        extra.update(p_data=data.p_MxV, context_concept=data.context_concept)
-        new_tokens = model.config.context - prompts.shape[1]
-    else:
-        corpus = run.source
-        n = text_prompt_len(model)
-        windows = corpus.spaced_windows(n + 1, TEXT_ROWS, "val")
-        prompts, labels, weights = windows[:, :-1], windows[:, -1], None
-        ce_target = labels if ce_against == "data" else None
-        concept_of = corpus.concept_of
-        extra["labels"] = labels
-        new_tokens = min(16, model.config.context - n)
+    rows = sweep_rows(run)
+    prompts, weights, concept_of = rows["prompts"], rows["weights"], rows["concept_of"]
+    ce_target = rows["ce_target"] if ce_against == "data" else None
+    extra = rows["extra"]
+    new_tokens = rows["new_tokens"]
 
     steered = steered_closure(model, prompts, v, layer, positions, dtype=dtype)
     if chunk_size is None:
@@ -486,7 +525,7 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
     meta: dict[str, Any] = {
         "model": "gpt", "corpus": run.corpus, "run": str(run.path), "target": int(target),
         "target_name": CLASSES[target] if run.corpus == "text" else f"concept {target}",
-        "negatives": negatives, "negative_concept": negative_concept, "q": int(len(P)), "seed": seed,
+        "negatives": negatives, "negative_concept": negative_concept, "q": len(P), "seed": seed,
         "layer": layer, "layers": model.config.layers, "positions": positions, "ce_against": ce_against,
         "dtype": str(jnp.dtype(dtype)), "derivatives": derivatives, "versions": versions()}
 
@@ -495,6 +534,9 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
         ex = grid_extras(steered, alphas, lim, arrays["weights"], chunk_size, dtype)
         lo, hi, censored = refine_validity_range(steered, alphas, ex["local_ufm_kl"], weights=arrays["weights"],
                                                  dtype=dtype, chunk_size=chunk_size)
+        probe = np.asarray([-LIMIT_PROBE, LIMIT_PROBE])
+        arrays.update(limit_probe_alphas=probe,
+                      limit_probe_distance=grid_extras(steered, probe, lim, arrays["weights"], 2, dtype)["limit_distance"])
         arrays.update(limit_logits=lim, limit_distance=ex["limit_distance"], local_ufm_kl=ex["local_ufm_kl"],
                       local_ufm_kl_max=ex["local_ufm_kl_max"], local_ufm_direction=ex["local_ufm_direction"],
                       local_ufm_range=np.asarray([lo, hi]), local_ufm_censored=np.asarray(censored))
@@ -515,11 +557,11 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
     if presence and new_tokens >= 1:
         idx = np.unique(np.linspace(0, alphas.size - 1, min(PRESENCE_POINTS, alphas.size)).round().astype(int))
         pa = alphas[idx]
-        gen_prompts = prompts[: min(32, len(prompts))]
+        gen_prompts = prompts[np.arange(PRESENCE_SAMPLES) % len(prompts)]
         pr = concept_presence(model, gen_prompts, v, layer, pa, target, concept_of, positions=positions,
                               new_tokens=new_tokens, seed=seed)
         arrays.update(presence_alphas=pa, concept_presence=pr["presence"], concept_share=pr["share"])
-        meta["presence"] = {"generations_per_alpha": int(len(gen_prompts)), "new_tokens": int(new_tokens),
+        meta["presence"] = {"generations_per_alpha": len(gen_prompts), "new_tokens": int(new_tokens),
                             "threshold": PRESENCE_THRESHOLD}
     meta["seconds"] = time.perf_counter() - t0
     return arrays, meta
@@ -527,16 +569,23 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
 
 # ---------------------------------------------------------------- the model-size table
 
-def bump_stats(arrays, target: int, tol: float = 1e-3) -> dict:
-    """Bumps of the tracked tokens (Thm 3.3): a curve of Δp(z|c_j, alpha) over the grid with
+def bump_stats(arrays, target: int, top: int = 10, tol: float = 1e-3) -> dict:
+    """Bumps of next-token probabilities (Thm 3.3): a curve Δp(z|c_j, alpha) over the grid with
     an interior peak that rises and falls by more than `tol`.
 
-    Returns share (of (row, token) curves with a bump), and precede: the share of rows having
-    bumps of both kinds where every off-target peak comes before every target peak.
+    Returns bump_share: the share of (row, token) curves with a bump among the `top` tokens of
+    largest mean probability at the grid's largest alpha (Fig. 6); and precede: the share of rows
+    having bumps of both kinds where every off-target peak comes before every target peak
+    (Thm 3.3's peak order), over all tracked tokens (sweep with tokens=None to track them all).
     """
     dp = np.asarray(arrays["delta_p"])  # [A, M, K]
     alphas = np.asarray(arrays["alphas"])
-    in_target = np.asarray(arrays["concept_of"])[np.asarray(arrays["tokens"])] == target  # [K]
+    tokens = np.asarray(arrays["tokens"])
+    w = np.asarray(arrays["weights"])
+    # Mean steered probability of each tracked token at the largest alpha.
+    p_top = (np.asarray(arrays["probs_base"])[:, tokens] + dp[np.argmax(alphas)]).T @ w
+    top_k = np.sort(np.argsort(-p_top, kind="stable")[:top])
+    in_target = np.asarray(arrays["concept_of"])[tokens] == target  # [K]
     i = dp.argmax(axis=0)  # [M, K]
     peak = dp.max(axis=0)
     bump = (i > 0) & (i < dp.shape[0] - 1) & (peak - dp[0] > tol) & (peak - dp[-1] > tol)
@@ -545,8 +594,9 @@ def bump_stats(arrays, target: int, tol: float = 1e-3) -> dict:
         off, on = alphas[i[m][bump[m] & ~in_target]], alphas[i[m][bump[m] & in_target]]
         if off.size and on.size:
             order.append(off.max() < on.min())
-    return {"bump_share": float(bump.mean()), "precede": float(np.mean(order)) if order else float("nan"),
-            "precede_rows": len(order)}
+    return {"bump_share": float(bump[:, top_k].mean()), "top_tokens": tokens[top_k].tolist(),
+            "bumps_all_tokens": float(bump.mean()),
+            "precede": float(np.mean(order)) if order else float("nan"), "precede_rows": len(order)}
 
 
 def tanh_fit(x, y):
@@ -600,7 +650,9 @@ def summarize_sweep(arrays, target: int, window: float | None = None) -> dict:
         out["plateau_slope"] = float(max(slope[0], slope[-1]) / max(slope.max(), 1e-30))
     out["dce_ends"] = [float(dce[0]), float(dce[-1])]
     if "limit_distance" in arrays:
-        out["limit_distance_end"] = float(arrays["limit_distance"][-1])
+        out["limit_distance_end"] = float(max(arrays["limit_distance"][0], arrays["limit_distance"][-1]))
+        if "limit_probe_distance" in arrays:
+            out["limit_distance_1e4"] = float(np.max(arrays["limit_probe_distance"]))
         lo, hi = arrays["local_ufm_range"]
         out["local_ufm_range"] = [float(lo), float(hi)]
         out["local_ufm_range_rel"] = [float(lo / amax), float(hi / amax)]
@@ -610,10 +662,11 @@ def summarize_sweep(arrays, target: int, window: float | None = None) -> dict:
 
 
 def scaled_grid(model: GPT, prompts, v_D, layer: int, reach: float = 50.0, num: int = 401) -> np.ndarray:
-    """An alpha grid dense near 0 and reaching alpha |v| = reach * |h| (typical residual norm):
-    alpha = s sinh(t), t uniform, so bumps near 0 and the Prop. 4.1 plateau are both resolved."""
-    h = mean_residual(model, prompts, layer)
-    s = float(np.median(np.linalg.norm(h, axis=1)) / max(np.linalg.norm(v_D), 1e-12))
+    """An alpha grid dense near 0 that reaches alpha |v| = reach * |h| (the median norm of the
+    residual stream at layer l over the prompts' positions): alpha = s sinh(t), t uniform, so
+    the bumps near 0 and the Prop. 4.1 plateau are both resolved."""
+    h = residual(model, prompts, layer)
+    s = float(np.median(np.linalg.norm(h, axis=-1)) / max(np.linalg.norm(v_D), 1e-12))
     t = np.linspace(-np.arcsinh(reach), np.arcsinh(reach), num)
     return s * np.sinh(t)
 

@@ -98,7 +98,7 @@ class TextConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TextConfig":
+    def from_dict(cls, d: dict) -> TextConfig:
         return cls(**d)
 
 
@@ -124,7 +124,7 @@ class TextCorpus:
             raise ValueError(f"the corpus has no characters of classes {missing}; use more text")
         self.stoi = {ch: i for i, ch in enumerate(self.chars)}
         ids = self.encode(text)
-        split = int(round(len(ids) * (1.0 - config.val_frac)))
+        split = round(len(ids) * (1.0 - config.val_frac))
         self.train_ids, self.val_ids = ids[:split], ids[split:]
 
     @property
