@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -510,10 +511,34 @@ def default_affine_chunk_size(vocab: int, num_devices: int = 1) -> int:
     return per_device * num_devices
 
 
-def default_chunk_size(num_rows: int, vocab: int, num_devices: int = 1) -> int:
-    """Largest chunk keeping one [C, M, V] intermediate near CHUNK_ELEMENTS, per device."""
-    per_device = max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // max(1, num_rows * vocab)))
+def default_chunk_size(num_rows: int, vocab: int, num_devices: int = 1, intermediate: int = 0) -> int:
+    """Largest chunk keeping one [C, M, V] intermediate near CHUNK_ELEMENTS, per device.
+
+    `intermediate`: elements of the closure's largest intermediate for one alpha (a GPT's
+    [B, T, 4 D] activations can dwarf its [M, V] logits); the chunk is sized to the larger.
+    """
+    per_device = max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // max(1, num_rows * vocab, intermediate)))
     return per_device * num_devices
+
+
+def largest_intermediate(fn, params, dtype) -> tuple[int, tuple]:
+    """(elements of the largest array `fn(params, alpha)` computes, shape of its output)."""
+    closed = jax.make_jaxpr(fn)(params, jnp.zeros((), dtype))
+
+    def walk(jaxpr) -> int:
+        best = 0
+        for eqn in jaxpr.eqns:
+            for v in eqn.outvars:
+                best = max(best, math.prod(getattr(v.aval, "shape", ())))
+            for p in eqn.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        best = max(best, walk(sub.jaxpr))
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        best = max(best, walk(sub))
+        return best
+
+    return walk(closed.jaxpr), tuple(closed.out_avals[0].shape) if len(closed.out_avals) == 1 else None
 
 
 def top_tokens(steered: Steered, alphas, k: int) -> np.ndarray:
@@ -567,10 +592,10 @@ def sweep(steered: Steered, alphas, *, concept_of, ce_target=None, weights=None,
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     fn = steered.fn
     params = _cast_floats(steered.params, dtype)
-    logits0 = jax.eval_shape(fn, params, jax.ShapeDtypeStruct((), dtype))
-    if len(logits0.shape) != 2:
-        raise ValueError(f"the steered closure must return logits [M, V], got shape {logits0.shape}")
-    M, V = logits0.shape
+    intermediate, out_shape = largest_intermediate(fn, params, dtype)
+    if out_shape is None or len(out_shape) != 2:
+        raise ValueError(f"the steered closure must return logits [M, V], got shape {out_shape}")
+    M, V = out_shape
 
     concept_of = np.asarray(concept_of)
     if concept_of.shape != (V,) or not np.issubdtype(concept_of.dtype, np.integer) or concept_of.min() < 0:
@@ -618,7 +643,7 @@ def sweep(steered: Steered, alphas, *, concept_of, ce_target=None, weights=None,
     n_dev = len(devices)
     if chunk_size is None:
         chunk_size = (default_affine_chunk_size(V, n_dev) if method == "affine"
-                      else default_chunk_size(M, V, n_dev))
+                      else default_chunk_size(M, V, n_dev, intermediate))
         # A short grid gets a power-of-two chunk that just holds it, not a long padded one: at
         # most log2 compiled shapes, and a grid of the same length never recompiles.
         per_device = -(-alphas.size // n_dev)
