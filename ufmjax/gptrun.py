@@ -454,7 +454,8 @@ def sweep_rows(run: GPTRun) -> dict:
     if run.corpus == "concept":
         data = run.source
         return {"prompts": data.contexts, "weights": data.pi, "ce_target": data.p_MxV,
-                "concept_of": data.concept_of, "new_tokens": model.config.context - data.contexts.shape[1],
+                # One new token: the concept position is the only one the data defines.
+                "concept_of": data.concept_of, "new_tokens": min(1, model.config.context - data.contexts.shape[1]),
                 "extra": {"p_data": data.p_MxV, "context_concept": data.context_concept}}
     n = text_prompt_len(model)
     windows = run.source.spaced_windows(n + 1, TEXT_ROWS, "val")
