@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpt_common import scaled_sweep, text_run
-
-from ufmjax.gptrun import tanh_fit
+from ufmjax.gptfigures import fig_a4
+from ufmjax.gptrun import scaled_sweep, text_run
+from ufmjax.io import write_json_atomic
 from ufmjax.runs import save_sweep
 
 
@@ -37,67 +34,20 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     run = text_run(args.runs, 1, steps=args.steps, progress=not args.quiet)
     arrays, meta, summary = scaled_sweep(run, args.layer, "uppercase", positions=args.positions)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_sweep(out / "sweep.npz", arrays, meta)
-
-    a = arrays["alphas"]
+    fig_a4(run, arrays, summary, out / "fig_a4.png", layer=args.layer, positions=args.positions)
     chars = run.source.chars
-    fig, ax = plt.subplots(2, 2, figsize=(11, 8))
-    w = np.full(arrays["probs_base"].shape[0], 1 / arrays["probs_base"].shape[0])
-    dp = np.einsum("amk,m->ak", arrays["delta_p"], w)
     top = summary["top_tokens"]
-    # The top tokens at the largest alpha, and the most likely tokens of the unsteered model.
-    base = [int(t) for t in np.argsort(-(arrays["probs_base"].T @ w))[:4] if t not in top]
-    for tok in top + base:
-        upper = run.source.concept_of[tok] == 0
-        ax[0, 0].plot(a, dp[:, tok], "-" if upper else "--", lw=1.2 if upper else 1.0, label=repr(chars[tok]))
-    ax[0, 0].set(xscale="asinh", title="(a) Δp: top tokens at max α (—), top unsteered (--)",
-                 xlabel="α", ylabel="Δp (mean over prompts)")
-    ax[0, 0].legend(fontsize=7, ncol=3, loc="upper left")
-
-    F = arrays["concept_prob"][:, :, 0] @ w
-    r2, (c0, c1, c2, c3) = tanh_fit(a, F)
-    ax[0, 1].plot(a, F, label="P(uppercase) exact")
-    ax[0, 1].plot(a, c0 + c1 * np.tanh((a - c2) / c3), ":", label=f"tanh fit (R²={r2:.4f})")
-    if "concept_presence" in arrays:
-        ax[0, 1].plot(arrays["presence_alphas"], arrays["concept_presence"], "o", ms=3,
-                      label="sampled presence (≥50% of 16 chars)")
-    ax[0, 1].set(xscale="asinh", title="(b) concept level", xlabel="α")
-    ax[0, 1].legend(fontsize=8)
-
-    ax[1, 0].plot(a, arrays["delta_ce"], label="ΔCE next char (last position)")
-    if "text_delta_ce" in arrays:
-        ax[1, 0].plot(a, arrays["text_delta_ce"], label="ΔCE held-out text (all positions)")
-    ax[1, 0].set(xscale="asinh", title="(c) cross-entropy", xlabel="α", ylabel="nats")
-    ax[1, 0].legend(fontsize=8)
-
-    pos = a > 0
-    ax[1, 1].loglog(a[pos], arrays["limit_distance"][pos], label="max |y(α) − LN(v)Wᵀ| (Prop. 4.1)")
-    ax[1, 1].loglog(-a[~pos & (a < 0)], arrays["limit_distance"][a < 0], "--", label="α < 0: LN(−v)Wᵀ")
-    ax[1, 1].loglog(np.abs(a[a != 0]), np.maximum(arrays["local_ufm_kl"][a != 0], 1e-12), ":",
-                    label="KL(GPT ‖ local UFM law)")
-    ax[1, 1].axhline(0.01, color="gray", lw=0.5)
-    ax[1, 1].set(title="(d) limit and local UFM", xlabel="|α|")
-    ax[1, 1].legend(fontsize=8)
-    fig.suptitle(f"1-layer GPT on Python's docs, steered toward uppercase at layer {args.layer} "
-                 f"({args.positions} positions); val loss {run.metrics['val_loss']:.3f} vs bigram "
-                 f"{run.metrics['bigram_val_loss']:.3f} nats/char", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "fig_a4.png", dpi=120)
 
     result = {"summary": summary, "top_tokens": [chars[t] for t in top], "run": str(run.path), "metrics": {
         k: run.metrics[k] for k in ("val_loss", "bigram_val_loss", "unigram_val_loss", "seconds", "steps")},
         "sweep_seconds": meta["sweep_seconds"], "layer": args.layer, "positions": args.positions,
         "figure": str(out / "fig_a4.png")}
-    (out / "summary.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_json_atomic(out / "summary.json", result)
     print(json.dumps(result, indent=2, default=float))
 
 

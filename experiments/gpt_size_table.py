@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpt_common import scaled_sweep, text_run
+from ufmjax.gptrun import scaled_sweep, text_run
+from ufmjax.io import write_bytes_atomic, write_json_atomic
 
 
 def layers_of(L: int) -> dict[str, int]:
@@ -64,7 +63,7 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps(row, default=float), flush=True)
 
-    (out / "table.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
+    write_json_atomic(out / "table.json", rows)
     lines = [("| L | layer | val / bigram | bumps | precede | tanh R² | quad R² (k ratio) | plateau "
               "| limit at ends / 1e4 | local UFM α range (α|v|/|h|) |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -79,7 +78,7 @@ def main(argv=None):
             f"{fmt(r.get('limit_distance_1e4'), '.1e')} "
             f"| [{lo:.3g}, {hi:.3g}] ([{50 * rlo:.2g}, {50 * rhi:.2g}]) |")
     table = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(table)
+    write_bytes_atomic(out / "table.md", table.encode())
     print(table)
 
 

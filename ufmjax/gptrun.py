@@ -672,6 +672,31 @@ def scaled_grid(model: GPT, prompts, v_D, layer: int, reach: float = 50.0, num: 
     return s * np.sinh(t)
 
 
+def text_run(root, layers: int, *, steps: int | None = None, progress: bool = True) -> GPTRun:
+    """Train (or reuse, or resume) a text GPT with `layers` blocks at `root/text_L<layers>`."""
+    cfg = TEXT_TRAIN if steps is None else replace(TEXT_TRAIN, steps=steps, warmup=min(100, steps // 10),
+                                                   eval_every=0, ckpt_every=0)
+    out = Path(root) / f"text_L{layers}"
+    train_gpt_run(out, "text", gpt={"layers": layers}, train_config=cfg, progress=progress)
+    return load_gpt_run(out)
+
+
+def scaled_sweep(run: GPTRun, layer: int, target="uppercase", *, positions: str = "all", reach: float = 50.0,
+                 num: int = 401, top_k: int | None = None, presence: bool = True):
+    """gpt_sweep on a grid reaching alpha |v| = reach * |h| (dense near 0, see scaled_grid),
+    tracking every token (summarize_sweep picks the top 10 at the largest alpha itself).
+    Returns (arrays, meta, summary)."""
+    target = concept_index(target) if run.corpus == "text" else target
+    steer_prompts, P, N = steering_sets(run, target)
+    v = gpt_steering_vector(run.model, steer_prompts, P, N, layer)
+    alphas = scaled_grid(run.model, sweep_rows(run)["prompts"], v, layer, reach, num)
+    t0 = time.perf_counter()
+    arrays, meta = gpt_sweep(run, alphas, target=target, layer=layer, positions=positions, top_k=top_k,
+                             presence=presence)
+    meta["sweep_seconds"] = time.perf_counter() - t0
+    return arrays, meta, summarize_sweep(arrays, target)
+
+
 # ---------------------------------------------------------------- CLI hooks
 
 def add_train_args(p) -> None:
