@@ -59,7 +59,7 @@ def fig_a4(run, arrays: dict, summary: dict, path, *, layer: int, positions: str
     ax[1, 1].set(title="(d) limit and local UFM", xlabel="|α|")
     ax[1, 1].legend(fontsize=8)
     fig.suptitle(f"Fig. A.4 (Taimeskhanov et al. 2026) on a {run.model.config.layers}-layer GPT trained on "
-                 f"Python's docs, steered toward uppercase at layer {layer} ({positions} positions); val loss "
+                 f"Python's docs,\nsteered toward uppercase at layer {layer} ({positions} positions); val loss "
                  f"{run.metrics['val_loss']:.3f} vs bigram {run.metrics['bigram_val_loss']:.3f} nats/char",
                  fontsize=10)
     return save_figure(fig, path, dpi=120)
