@@ -41,7 +41,9 @@ def _add_sweep(sub):
     p.add_argument("--q", type=int, default=None, help="|P| = |N| (default: as many as possible)")
     p.add_argument("--alphas", default="-20:20:401", help="START:STOP:NUM (default -20:20:401)")
     p.add_argument("--top-k", type=int, default=None, help="track only the k most likely tokens at max |alpha|")
-    p.add_argument("--ce-against", choices=["data", "model"], default="data", help="UFM: CE reference")
+    p.add_argument("--ce-against", choices=["data", "model"], default="data",
+                   help="CE reference: data = p(z|c) (concept data) or the observed next character (text); "
+                        "model = the unsteered model itself")
     p.add_argument("--layer", type=int, default=None, help="GPT: residual layer to steer (0..L)")
     p.add_argument("--positions", choices=["all", "last"], default="all", help="GPT: positions steered")
     p.add_argument("--chunk-size", type=int, default=None, help="alphas per compiled call")
