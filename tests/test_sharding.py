@@ -101,3 +101,67 @@ def test_sharded_sweeps_equal_single_device():
         # as much between shapes).
         bound = 1e-6 if name.endswith("float64") else 1e-4
         assert worst <= bound, f"{name}: sharded/chunked differs from single-device by {worst:.2e}"
+
+
+MULTI = textwrap.dedent(r'''
+    import json, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=int(sys.argv[1]))
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import numpy as np
+    from ufmjax.steering import linear_steered
+    from ufmjax.sweep import sweep
+
+    rng = np.random.default_rng(0)
+    base, direction = rng.normal(size=(5, 37)) * 3, rng.normal(size=(5, 37)) * 2
+    out = sweep(linear_steered(base, direction), np.linspace(-20, 20, 61), concept_of=np.arange(37) % 3,
+                dtype=jnp.float64)
+    print(json.dumps({"devices": len(jax.devices()), "local": len(jax.local_devices()),
+                      "out": {k: np.asarray(v).tolist() for k, v in out.items()}}))
+''')
+
+
+def test_two_processes_with_jax_distributed_equal_one_device(x64, tmp_path):
+    """Multi-host as README describes it: jax.distributed.initialize in every process, the same
+    script and grid everywhere; each process gets the whole result (2 processes x 2 devices)."""
+    import socket
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ufmjax.steering import linear_steered
+    from ufmjax.sweep import sweep
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    # Output to files, not pipes: a process blocked on a full pipe would hold the other one at
+    # the distributed shutdown barrier.
+    logs = [(tmp_path / f"out{i}.json", tmp_path / f"err{i}.txt") for i in range(2)]
+    procs = []
+    for i, (out_path, err_path) in enumerate(logs):
+        with open(out_path, "w") as out_f, open(err_path, "w") as err_f:
+            procs.append(subprocess.Popen([sys.executable, "-c", MULTI, str(i), address], stdout=out_f,
+                                          stderr=err_f, text=True, env=env))
+    outs = []
+    for p, (out_path, err_path) in zip(procs, logs):
+        try:
+            p.wait(timeout=300)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode == 0, err_path.read_text()[-3000:]
+        outs.append(json.loads(out_path.read_text().strip().splitlines()[-1]))
+    rng = np.random.default_rng(0)
+    base, direction = rng.normal(size=(5, 37)) * 3, rng.normal(size=(5, 37)) * 2
+    ref = sweep(linear_steered(base, direction), np.linspace(-20, 20, 61), concept_of=np.arange(37) % 3,
+                dtype=jnp.float64, devices=[__import__("jax").devices()[0]])
+    for o in outs:
+        assert o["devices"] == 4 and o["local"] == 2
+        for key, want in ref.items():
+            got = np.asarray(o["out"][key])
+            scale = max(np.abs(want).max(), 1e-30)
+            assert np.abs(got - want).max() <= 1e-6 * scale, key

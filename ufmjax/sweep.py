@@ -541,6 +541,28 @@ def largest_intermediate(fn, params, dtype) -> tuple[int, tuple]:
     return walk(closed.jaxpr), tuple(closed.out_avals[0].shape) if len(closed.out_avals) == 1 else None
 
 
+def _place(tree, sharding):
+    """Put host or device arrays on `sharding`. Several processes (jax.distributed) each hold
+    the same values, so every process builds the global array from its own copy."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
+
+
+def _to_host(value) -> np.ndarray:
+    """A kernel result as numpy, gathered from every process when it spans several hosts."""
+    if getattr(value, "is_fully_addressable", True):
+        return np.asarray(value)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
 def top_tokens(steered: Steered, alphas, k: int) -> np.ndarray:
     """The k tokens of largest mean steered probability at the grid's largest |alpha| (Fig. 6)."""
     alphas = check_alphas(alphas)
@@ -661,12 +683,12 @@ def sweep(steered: Steered, alphas, *, concept_of, ce_target=None, weights=None,
                                                                consts["tokens"])
         breaks, verts = upper_envelope(aff["l"], aff["u"])
         aff.update(breaks=jnp.asarray(breaks, dtype), verts=jnp.asarray(verts, jnp.int32))
-        aff, consts = jax.device_put((aff, consts), replicated)
+        aff, consts = _place((aff, consts), replicated)
         kbase = _affine_base_fn(row_block)(aff, consts)
         kernel = functools.partial(_affine_chunk_fn(derivatives, row_block), aff=aff, base=kbase, consts=consts)
     else:
         chunk_fn = _jvp_chunk_fn if method == "jvp" else _chunk_fn
-        params, base, consts = jax.device_put((params, base, consts), replicated)
+        params, base, consts = _place((params, base, consts), replicated)
         kernel = functools.partial(chunk_fn(fn, derivatives, label_targets), params=params, base=base,
                                    consts=consts)
 
@@ -681,7 +703,7 @@ def sweep(steered: Steered, alphas, *, concept_of, ce_target=None, weights=None,
         lo, hi = i * chunk_size, min((i + 1) * chunk_size, A)
         for prefix, tree in zip(prefixes, result):
             for name, value in tree.items():
-                value = np.asarray(value)
+                value = _to_host(value)
                 key = prefix + name
                 if key not in out:
                     out[key] = np.empty((A,) + value.shape[1:], value.dtype)
@@ -689,7 +711,7 @@ def sweep(steered: Steered, alphas, *, concept_of, ce_target=None, weights=None,
 
     pending = None
     for i in range(n_chunks):
-        chunk = jax.device_put(jnp.asarray(padded[i * chunk_size:(i + 1) * chunk_size], dtype), alpha_sharding)
+        chunk = _place(np.asarray(padded[i * chunk_size:(i + 1) * chunk_size], dtype), alpha_sharding)
         result = kernel(chunk)  # dispatched asynchronously
         if pending is not None:
             collect(*pending)  # copy the previous chunk back while this one runs
