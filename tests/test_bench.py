@@ -72,6 +72,19 @@ def test_affine_and_taylor_paths_equal_nested_jvp(x64, shared):
             assert_same(sweep(fast, alphas, method="taylor", **kw), ref, 1e-11, "taylor on a UFM closure")
 
 
+def test_affine_path_over_several_vocabulary_blocks(x64):
+    """A vocabulary of several blocks (and a partial last one) gives the same sums."""
+    rng = np.random.default_rng(9)
+    V = 2 * sweep_mod.VOCAB_BLOCK + 77
+    base, direction, concept_of = random_linear(rng, M=3, V=V, G=5)
+    fast = linear_steered(base, direction)
+    alphas = np.array([-1e3, -4.0, -0.5, 0.0, 0.3, 2.0, 9.0, 1e3])
+    kw = dict(concept_of=concept_of, tokens=np.array([0, V // 2, V - 1]), dtype=jnp.float64,
+              ce_target=rng.integers(0, V, 3))
+    assert_same(sweep(fast, alphas, **kw), sweep(Steered(generic_linear, fast.params), alphas, method="jvp", **kw),
+                1e-11, "blocked affine")
+
+
 def test_affine_path_is_taken_for_the_ufm_and_tracked_tokens(x64):
     """The UFM closure takes the affine path by default; a token subset equals the full curves."""
     rng = np.random.default_rng(4)

@@ -1,18 +1,33 @@
 """The alpha-sweep kernel shared by every model.
 
 Shape legend: A = alphas of the grid, C = alphas of one chunk, M = rows (contexts or text
-positions), V = vocabulary, G = concepts, K = tracked tokens.
+positions), V = vocabulary, Vb = tokens of one vocabulary block, G = concepts, K = tracked
+tokens, k = columns of the affine path's moment matrix.
 
 A model hands the kernel a `Steered` closure `fn(params, alpha) -> logits_MxV`. The kernel
-writes the computation for ONE alpha (`_point`), takes its first and second derivatives in
-alpha by nested forward-mode autodiff (`jax.jvp`: alpha is a scalar, so one forward pass
-gives the slope of every output), vmaps it over a chunk of alphas, jit-compiles it once per
-(closure, shapes), and walks the grid chunk by chunk so that device memory depends on the
-chunk, never on the grid. Every reduction (tracked tokens, concept sums, CE, KL, entropy)
-happens inside the kernel, so a [C, M, V] array never leaves the device.
+jit-compiles once per (closure, shapes) and walks the grid chunk by chunk, so that memory
+depends on the chunk, never on the grid. Every reduction (tracked tokens, concept sums, CE,
+KL, entropy) happens inside the kernel, so a [C, M, V] array never leaves the device. Three
+paths, equal to rounding (tests/test_bench.py holds them to 1e-11 in float64):
 
-The alpha axis of each chunk is sharded over all visible devices (a 1-D `jax.sharding.Mesh`);
-with one device this is the plain single-device computation.
+- "taylor" (any closure, e.g. a GPT): the point function for ONE alpha, vmapped over a chunk;
+  forward mode (`jax.jvp`, nested for the second derivative) through the MODEL only, then the
+  softmax quantities differentiated in closed form from x, x', x'' (`_taylor_quantities`).
+  Chunks are sized by the closure's largest intermediate, not only its logits.
+- "affine" (closures in AFFINE_CLOSURES: the UFM, `linear_logits`): logits are l + alpha u,
+  so every quantity and both derivatives are closed forms in a few sums over the vocabulary
+  (THEORY.md), read off ONE matrix product e @ B of the unnormalised probabilities
+  e = exp(logits - max) with a fixed matrix B of centred moments: one exponential per
+  element, no autodiff. The most likely token comes from the exact upper envelope of the
+  lines l_z + alpha u_z (no max pass) and is left out of the sums, so nothing cancels where
+  the distribution concentrates (tested from alpha = -1e6 to 1e6). The vocabulary is walked
+  in cache-sized blocks.
+- "jvp": the reference, nested `jax.jvp` through everything (`method="jvp"`).
+
+The alpha axis of each chunk is sharded over all visible devices (a 1-D `jax.sharding.Mesh`
+and `NamedSharding`): with one device this is the plain single-device computation, and the
+same code runs on many GPUs, a TPU slice or several hosts under `jax.distributed` (each
+process passes the same grid and receives the whole result).
 """
 
 from __future__ import annotations
@@ -41,9 +56,10 @@ QUANTITIES = {
     "entropy": "M",            # H(p_alpha) per row
 }
 
-# Elements of one [C, M, V] intermediate the default chunk size aims at (32 MiB in float32):
-# about a dozen such arrays live at once with second derivatives.
-CHUNK_ELEMENTS = 1 << 23
+# Elements of one [C, M, V] intermediate the default chunk size aims at (8 MiB in float32): a
+# dozen such arrays live at once with second derivatives; larger chunks fall out of the CPU's
+# caches and run slower, not faster (measured on a GPT: 2.4x slower at 4x the size).
+CHUNK_ELEMENTS = 1 << 21
 MAX_CHUNK = 512
 METHODS = ("auto", "affine", "taylor", "jvp")
 
@@ -252,6 +268,10 @@ AFFINE_CLOSURES = {steering.ufm_logits, steering.linear_logits}
 # The affine path carries 3 columns per concept in its moment matrix; beyond this many
 # concepts the generic path is cheaper.
 AFFINE_MAX_CONCEPTS = 64
+# The affine kernel's block of e: [rows, alphas, VOCAB_BLOCK tokens] near AFFINE_BLOCK elements
+# (8 MiB in float32), small enough to stay in cache between the exp and the product e @ B.
+AFFINE_BLOCK = 1 << 21
+VOCAB_BLOCK = 2048
 # Smallest padded size of the upper envelope (vertices per row) the affine kernel compiles for.
 ENVELOPE_PAD = 64
 
@@ -298,7 +318,13 @@ def _affine_parts_fn(fn, order: int, label_targets: bool):
             T = targets.sum(axis=1)
             tl = jnp.sum(targets * l_MxV, axis=1)
             tu = jnp.sum(targets * u_MxV, axis=1)
-        return {"l": l_MxV, "u": u_MxV, "B": jnp.concatenate(cols, axis=-1),
+        # The vocabulary in blocks of Vb (zero rows of B pad the last one): the kernel's
+        # exp / product pass then stays in cache whatever V is.
+        B_MxVxk = jnp.concatenate(cols, axis=-1)
+        Vb = min(V, VOCAB_BLOCK)
+        nb = -(-V // Vb)
+        B_MxNxVbxk = jnp.pad(B_MxVxk, ((0, 0), (0, nb * Vb - V), (0, 0))).reshape(M, nb, Vb, -1)
+        return {"l": l_MxV, "u": u_MxV, "B": B_MxNxVbxk,
                 "cu": cu, "cl": cl, "umax": umax, "umin": umin,
                 "l_tok": l_MxV[:, tokens_K], "u_tok": u_MxV[:, tokens_K], "T": T, "tl": tl, "tu": tu}
 
@@ -353,20 +379,37 @@ def _affine_stats(alphas_C, aff, row_block: int):
     R [C, M, k] = e @ B with e_z = exp((l_z - l*) + alpha (u_z - u*)) for z != z* (e_z* = 1 is
     added back in closed form): one exponential per element. Leaving z* out keeps the moments
     exact where the distribution concentrates (|alpha| large): there the other tokens' sums
-    are tiny and nothing cancels against z*'s unit mass. Rows are walked `row_block` at a
-    time so the [rows, C, V] intermediate stays near CHUNK_ELEMENTS.
+    are tiny and nothing cancels against z*'s unit mass. Rows are walked `row_block` at a time
+    and the vocabulary one block of Vb tokens at a time (a scan accumulating e @ B), so the
+    [rows, C, Vb] block of e stays near AFFINE_BLOCK elements, in cache, whatever M and V are.
     """
+    l_MxV, u_MxV, B = aff["l"], aff["u"], aff["B"]
+    M, V = l_MxV.shape
+    nb, Vb = B.shape[1], B.shape[2]
+    C = alphas_C.shape[0]
     piece_CxM = jnp.sum(aff["breaks"][None] <= alphas_C[:, None, None], axis=-1)
     idx_MxC = jnp.take_along_axis(aff["verts"], piece_CxM.T, axis=1)
+    ls_MxC = jnp.take_along_axis(l_MxV, idx_MxC, axis=1)
+    us_MxC = jnp.take_along_axis(u_MxV, idx_MxC, axis=1)
+    pad = ((0, 0), (0, nb * Vb - V))
+    l_MxNxVb = jnp.pad(l_MxV, pad).reshape(M, nb, Vb)
+    u_MxNxVb = jnp.pad(u_MxV, pad).reshape(M, nb, Vb)
 
-    def rows(args):
-        l_V, u_V, B_Vxk, idx_C = args
-        d_CxV = (l_V[None, :] - l_V[idx_C][:, None]) + alphas_C[:, None] * (u_V[None, :] - u_V[idx_C][:, None])
-        star_CxV = jnp.arange(l_V.shape[0])[None, :] == idx_C[:, None]
-        e_CxV = jnp.where(star_CxV, 0.0, jnp.exp(d_CxV))
-        return e_CxV @ B_Vxk
+    def row(args):
+        l_NxVb, u_NxVb, B_NxVbxk, idx_C, ls_C, us_C = args
 
-    R_MxCxk = jax.lax.map(rows, (aff["l"], aff["u"], aff["B"], idx_MxC), batch_size=row_block)
+        def block(acc_Cxk, blk):
+            j, l_Vb, u_Vb, B_Vbxk = blk
+            d_CxVb = (l_Vb[None, :] - ls_C[:, None]) + alphas_C[:, None] * (u_Vb[None, :] - us_C[:, None])
+            tok_Vb = j * Vb + jnp.arange(Vb)
+            skip_CxVb = (tok_Vb[None, :] == idx_C[:, None]) | (tok_Vb[None, :] >= V)
+            e_CxVb = jnp.where(skip_CxVb, 0.0, jnp.exp(d_CxVb))
+            return acc_Cxk + e_CxVb @ B_Vbxk, None
+
+        acc = jnp.zeros((C, B_NxVbxk.shape[-1]), l_NxVb.dtype)
+        return jax.lax.scan(block, acc, (jnp.arange(nb), l_NxVb, u_NxVb, B_NxVbxk))[0]
+
+    R_MxCxk = jax.lax.map(row, (l_MxNxVb, u_MxNxVb, B, idx_MxC, ls_MxC, us_MxC), batch_size=row_block)
     return idx_MxC.T, jnp.swapaxes(R_MxCxk, 0, 1)
 
 
@@ -502,22 +545,25 @@ def _cast_floats(tree, dtype):
 
 
 def default_affine_chunk_size(vocab: int, num_devices: int = 1) -> int:
-    """Alphas per call of the affine kernel: one [C, V] block per row near CHUNK_ELEMENTS.
+    """Alphas per call of the affine kernel: a [C, Vb] block of e near AFFINE_BLOCK elements.
 
-    The affine kernel walks the rows inside a call, so its chunk does not shrink with M; a
-    long chunk keeps its matrix product e @ B efficient (64 alphas at least).
+    The affine kernel walks rows and vocabulary blocks inside a call, so its chunk depends on
+    neither M nor V beyond the block; a long chunk keeps its product e @ B efficient.
     """
-    per_device = max(64, min(4 * MAX_CHUNK, CHUNK_ELEMENTS // max(1, vocab)))
+    per_device = max(64, min(4096, AFFINE_BLOCK // max(1, min(vocab, VOCAB_BLOCK))))
     return per_device * num_devices
 
 
-def default_chunk_size(num_rows: int, vocab: int, num_devices: int = 1, intermediate: int = 0) -> int:
+def default_chunk_size(num_rows: int, vocab: int, num_devices: int = 1, intermediate: int = 0,
+                       order: int = 0) -> int:
     """Largest chunk keeping one [C, M, V] intermediate near CHUNK_ELEMENTS, per device.
 
     `intermediate`: elements of the closure's largest intermediate for one alpha (a GPT's
     [B, T, 4 D] activations can dwarf its [M, V] logits); the chunk is sized to the larger.
+    `order`: derivatives asked for; forward mode carries order + 1 streams through the model.
     """
-    per_device = max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // max(1, num_rows * vocab, intermediate)))
+    per_alpha = max(1, num_rows * vocab, intermediate) * (order + 1)
+    per_device = max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // per_alpha))
     return per_device * num_devices
 
 
@@ -665,11 +711,13 @@ def sweep(steered: Steered, alphas, *, concept_of, ce_target=None, weights=None,
     n_dev = len(devices)
     if chunk_size is None:
         chunk_size = (default_affine_chunk_size(V, n_dev) if method == "affine"
-                      else default_chunk_size(M, V, n_dev, intermediate))
-        # A short grid gets a power-of-two chunk that just holds it, not a long padded one: at
-        # most log2 compiled shapes, and a grid of the same length never recompiles.
+                      else default_chunk_size(M, V, n_dev, intermediate, derivatives))
+        # A short grid gets a chunk that just holds it (rounded up to an eighth of a power of
+        # two: at most 8 compiled shapes per octave of grid lengths, and a grid of the same
+        # length never recompiles), not a long padded one.
         per_device = -(-alphas.size // n_dev)
-        chunk_size = min(chunk_size, (1 << (per_device - 1).bit_length()) * n_dev)
+        granule = max(1, (1 << (per_device - 1).bit_length()) // 8)
+        chunk_size = min(chunk_size, -(-per_device // granule) * granule * n_dev)
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     chunk_size = int(-(-chunk_size // n_dev) * n_dev)  # a multiple of the device count
@@ -677,8 +725,8 @@ def sweep(steered: Steered, alphas, *, concept_of, ce_target=None, weights=None,
     alpha_sharding = NamedSharding(mesh, PartitionSpec("alpha"))
     replicated = NamedSharding(mesh, PartitionSpec())
     if method == "affine":
-        # Rows per step of the affine kernel: one [rows, C / devices, V] block near CHUNK_ELEMENTS.
-        row_block = int(max(1, min(M, CHUNK_ELEMENTS // max(1, (chunk_size // n_dev) * V))))
+        # Rows per step of the affine kernel: one [rows, C / devices, Vb] block near AFFINE_BLOCK.
+        row_block = int(max(1, min(M, AFFINE_BLOCK // max(1, (chunk_size // n_dev) * min(V, VOCAB_BLOCK)))))
         aff = _affine_parts_fn(fn, derivatives, label_targets)(params, consts["targets"], consts["onehot"],
                                                                consts["tokens"])
         breaks, verts = upper_envelope(aff["l"], aff["u"])
