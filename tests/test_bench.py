@@ -9,7 +9,6 @@ quick benchmark is run so that it cannot break silently.
 import json
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

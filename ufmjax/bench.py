@@ -281,7 +281,6 @@ def _np_softmax(x):
 
 
 def section_ufm_numpy(sz: dict, rounds: int) -> Section:
-    import jax.numpy as jnp
 
     from ufmjax.sweep import sweep, top_tokens
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.extend
@@ -774,47 +773,3 @@ def sweep(steered: Steered, alphas, *, concept_of, ce_target=None, weights=None,
         probs_base=np.asarray(jnp.exp(base["logp"])),
     )
     return out
-
-
-def find_peaks(steered: Steered, alphas, *, concept_of, tokens=None, newton_steps: int = 8,
-               dtype=jnp.float32) -> np.ndarray:
-    """Peak strengths of the token bumps, from the kernel's own derivatives.
-
-    A token's bump peaks where d delta_p / d alpha changes sign from + to - (Thm 3.3). Each
-    sign change on the grid is refined by Newton steps on d delta_p / d alpha, whose slope is
-    the kernel's second derivative, kept inside its grid bracket.
-
-    Args:
-      steered, concept_of, tokens, dtype: as for `sweep`.
-      alphas: the grid that brackets the peaks.
-      newton_steps: Newton iterations after bracketing.
-    Returns:
-      [M, K] peak alphas; NaN where the grid holds no interior maximum (monotone tokens).
-    """
-    alphas = check_alphas(alphas)
-    grid = sweep(steered, alphas, concept_of=concept_of, tokens=tokens, derivatives=1, dtype=dtype)
-    slope_AxMxK = grid["d_delta_p"]
-    M, K = slope_AxMxK.shape[1:]
-    # The first + to - sign change of the slope (a bump has exactly one, Thm 3.3).
-    change = (slope_AxMxK[:-1] > 0) & (slope_AxMxK[1:] <= 0)
-    has = change.any(axis=0)
-    i = np.argmax(change, axis=0)
-    lo, hi = alphas[i], alphas[np.minimum(i + 1, alphas.size - 1)]
-    s_lo = np.take_along_axis(slope_AxMxK, i[None], 0)[0]
-    s_hi = np.take_along_axis(slope_AxMxK, np.minimum(i + 1, alphas.size - 1)[None], 0)[0]
-    # Start from the secant root of the bracket, then Newton on the slope.
-    x = np.where(has, lo - s_lo * (hi - lo) / np.where(s_hi != s_lo, s_hi - s_lo, 1.0), np.nan)
-    rows, cols = np.nonzero(has)
-    if rows.size == 0:
-        return x
-    tok = np.arange(K) if tokens is None else np.asarray(tokens)
-    for _ in range(newton_steps):
-        xs = x[rows, cols]
-        at = sweep(steered, xs, concept_of=concept_of, tokens=tok, derivatives=2, dtype=dtype)
-        idx = np.arange(xs.size)
-        f = at["d_delta_p"][idx, rows, cols]
-        df = at["d2_delta_p"][idx, rows, cols]
-        step = np.where(df < 0, f / np.where(df != 0, df, 1.0), 0.0)
-        new = np.clip(xs - step, lo[rows, cols], hi[rows, cols])
-        x[rows, cols] = new
-    return x
