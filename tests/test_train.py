@@ -89,3 +89,20 @@ def test_bad_train_config():
         TrainConfig(steps=10, warmup=10)
     with pytest.raises(ValueError, match="dim"):
         UFMConfig(dim=0)
+
+
+def test_rerun_with_profiles_reuses_the_run(tmp_path):
+    """A config holding tuples (gamma, omega) equals its JSON copy (lists) on re-runs."""
+    from ufmjax.data import dirichlet_config
+    from ufmjax.gptrun import train_gpt_run
+
+    cfg = dirichlet_config(vocab=6, concepts=2, eps=0.1, seed=1)
+    m1 = train_ufm_run(tmp_path / "u", cfg, train_config=TrainConfig(steps=20, lr=0.05), progress=False)
+    assert train_ufm_run(tmp_path / "u", cfg, train_config=TrainConfig(steps=20, lr=0.05), progress=False) == m1
+    small = dict(layers=1, width=8, heads=1, mlp_ratio=2)
+    tc = TrainConfig(steps=5, lr=1e-3)
+    g1 = train_gpt_run(tmp_path / "g", "concept", data_config=cfg, gpt=small, train_config=tc, batch=8,
+                       progress=False)
+    g2 = train_gpt_run(tmp_path / "g", "concept", data_config=cfg, gpt=small, train_config=tc, batch=8,
+                       progress=False)
+    assert g1 == g2

@@ -41,7 +41,7 @@ from ufmjax.gpt import (
     steered_closure,
     steered_generate,
 )
-from ufmjax.runs import prepare_run_dir, versions
+from ufmjax.runs import prepare_run_dir, same_config, versions
 from ufmjax.steering import Steered
 from ufmjax.sweep import check_alphas, default_chunk_size, sweep, top_tokens
 from ufmjax.text import CLASSES, TextConfig, TextCorpus, concept_index, steering_prompts
@@ -181,7 +181,7 @@ def train_gpt_run(out, corpus: str = "concept", *, data_config: DataConfig | Non
     cfg_path = out / io.CONFIG_FILE
     if cfg_path.is_file():
         old = io.read_json(cfg_path)
-        if {k: v for k, v in old.items() if k != "versions"} != {k: v for k, v in config.items() if k != "versions"}:
+        if not same_config(old, config):
             raise io.RunError(f"out {str(out)!r} holds a run with another configuration (use --force to replace it)")
         if io.run_finished(out):
             return io.read_json(out / io.METRICS_FILE)
