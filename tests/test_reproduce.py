@@ -1,6 +1,7 @@
 """The main job in quick mode: every law passes and the report says so."""
 
 import json
+import re
 
 from ufmjax.cli import main
 from ufmjax.reproduce import gpt_concept_section, reproduce
@@ -14,6 +15,9 @@ def test_reproduce_quick_passes_every_law(tmp_path, capsys):
     assert summary["total"] >= 40 and not summary["failed_sections"]
     report = (out / "report.md").read_text()
     assert "FAIL" not in report and report.count("| pass |") == summary["total"]
+    # Every law row has exactly five cells: pipes inside a cell (|x - y|) are escaped.
+    rows = [line for line in report.splitlines() if line.endswith("| pass |")]
+    assert all(len(re.findall(r"(?<!\\)\|", row)) == 6 for row in rows), rows
     for law in ("Lemma B.3", "Lemma B.5", "Thm 3.3", "Thm 3.6", "Thm 3.8", "Prop. B.1"):
         assert law in report
     # Figures referenced by the report exist.

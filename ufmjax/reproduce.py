@@ -350,8 +350,10 @@ def _markdown(sections: list[Section], quick: bool, seconds: float) -> str:
         if s.laws:
             lines += ["| law | measured | value | threshold | result |", "|---|---|---|---|---|"]
             for law in s.laws:
-                lines.append(f"| {law.law} | {law.measured} | {law.value:.3g} | {law.threshold} | "
-                             f"{'pass' if law.passed else '**FAIL**'} |")
+                cells = [law.law, law.measured, f"{law.value:.6g}", law.threshold]
+                # A literal | (as in |x - y|) would split a markdown table cell.
+                cells = [c.replace("|", "\\|") for c in cells]
+                lines.append("| " + " | ".join(cells) + f" | {'pass' if law.passed else '**FAIL**'} |")
             lines.append("")
         lines += [f"- {n}" for n in s.notes] + ([""] if s.notes else [])
         lines += [f"![{Path(f).stem}]({f})" for f in s.figures] + ([""] if s.figures else [])
