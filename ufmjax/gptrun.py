@@ -41,7 +41,7 @@ from ufmjax.gpt import (
     steered_closure,
     steered_generate,
 )
-from ufmjax.runs import prepare_run_dir, same_config, versions
+from ufmjax.runs import open_run, versions
 from ufmjax.steering import Steered
 from ufmjax.sweep import check_alphas, default_chunk_size, sweep, top_tokens
 from ufmjax.text import CLASSES, TextConfig, TextCorpus, concept_index, steering_prompts
@@ -177,16 +177,9 @@ def train_gpt_run(out, corpus: str = "concept", *, data_config: DataConfig | Non
     config = {"model": "gpt", "corpus": corpus, **corpus_cfg, "gpt": gpt_config.to_dict(),
               "train": train_config.to_dict(), "batch": batch, "seed": seed, "versions": versions()}
 
-    out = prepare_run_dir(out, force)
-    cfg_path = out / io.CONFIG_FILE
-    if cfg_path.is_file():
-        old = io.read_json(cfg_path)
-        if not same_config(old, config):
-            raise io.RunError(f"out {str(out)!r} holds a run with another configuration (use --force to replace it)")
-        if io.run_finished(out):
-            return io.read_json(out / io.METRICS_FILE)
-    else:
-        io.write_json_atomic(cfg_path, config)
+    out, finished = open_run(out, config, force)
+    if finished is not None:
+        return finished
 
     model = init_gpt(gpt_config, seed)
     if corpus == "concept":

@@ -61,6 +61,22 @@ def same_config(saved: dict, config: dict) -> bool:
     return norm(saved) == norm(config)
 
 
+def open_run(out, config: dict, force: bool = False) -> tuple[Path, dict | None]:
+    """Open the run folder `out` for `config`: (folder, metrics if that run is already finished).
+
+    A new folder gets `config.json` (written first); an existing run must hold the same
+    configuration, else RunError; an unfinished one is left to resume from its checkpoints.
+    """
+    out = prepare_run_dir(out, force)
+    cfg_path = out / io.CONFIG_FILE
+    if not cfg_path.is_file():
+        io.write_json_atomic(cfg_path, config)
+        return out, None
+    if not same_config(io.read_json(cfg_path), config):
+        raise io.RunError(f"out {str(out)!r} holds a run with another configuration (use --force to replace it)")
+    return out, io.read_json(out / io.METRICS_FILE) if io.run_finished(out) else None
+
+
 def train_ufm_run(out, data_config: DataConfig, *, dim: int = 16, seed: int = 0,
                   train_config: TrainConfig = UFM_TRAIN_DEFAULTS, progress: bool = True,
                   force: bool = False) -> dict:
@@ -73,16 +89,9 @@ def train_ufm_run(out, data_config: DataConfig, *, dim: int = 16, seed: int = 0,
     ufm_config = UFMConfig(vocab=data.vocab, contexts=data.num_contexts, dim=dim)
     config = {"model": "ufm", "data": data_config.to_dict(), "ufm": ufm_config.to_dict(),
               "train": train_config.to_dict(), "seed": seed, "versions": versions()}
-    out = prepare_run_dir(out, force)
-    cfg_path = out / io.CONFIG_FILE
-    if cfg_path.is_file():
-        old = io.read_json(cfg_path)
-        if not same_config(old, config):
-            raise io.RunError(f"out {str(out)!r} holds a run with another configuration (use --force to replace it)")
-        if io.run_finished(out):
-            return io.read_json(out / io.METRICS_FILE)
-    else:
-        io.write_json_atomic(cfg_path, config)
+    out, finished = open_run(out, config, force)
+    if finished is not None:
+        return finished
 
     model = UFM(ufm_config, rngs=nnx.Rngs(seed))
     batch = (jnp.asarray(data.p_MxV, jnp.float32), jnp.asarray(data.pi, jnp.float32))
