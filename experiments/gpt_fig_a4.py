@@ -18,10 +18,9 @@ import json
 from pathlib import Path
 
 
-from ufmjax.gptfigures import fig_a4
-from ufmjax.gptrun import scaled_sweep, text_run
-from ufmjax.io import write_json_atomic
-from ufmjax.runs import save_sweep
+from ufmjax.report import fig_a4
+from ufmjax.runs import save_sweep, scaled_sweep, text_run
+from ufmjax.runs.io import write_json_atomic
 
 
 def main(argv=None):

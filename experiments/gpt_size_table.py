@@ -21,8 +21,8 @@ import json
 import math
 from pathlib import Path
 
-from ufmjax.gptrun import scaled_sweep, text_run
-from ufmjax.io import write_bytes_atomic, write_json_atomic
+from ufmjax.runs import scaled_sweep, text_run
+from ufmjax.runs.io import write_bytes_atomic, write_json_atomic
 
 
 def layers_of(L: int) -> dict[str, int]:

@@ -1,7 +1,7 @@
-"""Optimal steering strength by gradients in alpha, against grids and bisection (issue #4).
+"""Optimal steering strength by gradients in alpha, against grids and bisection.
 
-Trains (or loads) the paper's reference UFM (V=9, G=3, eps=0.05) and, when `ufmjax.gptrun` is
-present, a small GPT on the same concept data; for each model it writes under --out:
+Trains (or loads) the paper's reference UFM (V=9, G=3, eps=0.05) and (unless --no-gpt)
+a small GPT on the same concept data; for each model it writes under --out:
 
   landscape_<model>.png    objective landscapes on a dense alpha grid (penalised, budgeted,
                            target level, and a wide view of dp and ΔCE) with every solver's
@@ -284,10 +284,14 @@ def study(label, run, args, out, window, wide):
     import jax
 
     from ufmjax import optimize as opt
-    from ufmjax.cli_optimize import problem_from_run
+    import jax.numpy as jnp
 
     with jax.enable_x64(True):
-        problem, meta = problem_from_run(run, args.target)
+        st = run.steer(args.target, dtype=jnp.float64)
+        problem = st.problem()
+        meta = dict(st.meta)
+        if "context_concept" in st.arrays:
+            meta["context_concept"] = st.arrays["context_concept"][problem.contexts].tolist()
         objectives = {"penalised": opt.Objective("penalised", lam=args.lam),
                       "budget": opt.Objective("budget", budget=args.budget),
                       "level": opt.Objective("level", level=args.level)}
@@ -318,9 +322,9 @@ def study(label, run, args, out, window, wide):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ufmjax import io
     from ufmjax.data import reference_config
-    from ufmjax.runs import load_run, train_ufm_run
+    from ufmjax.runs import gpt as gptrun
+    from ufmjax.runs import io, load_run, train_ufm_run
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -337,27 +341,18 @@ def main(argv=None) -> int:
     if args.no_gpt:
         sections.append("## gpt\n\nskipped (--no-gpt).\n")
     else:
-        try:
-            from ufmjax import gptrun
-        except ImportError:
-            gptrun = None
-        if gptrun is None:
-            note = "ufmjax.gptrun is not available: GPT part skipped."
-            print(note)
-            sections.append(f"## gpt\n\n{note}\n")
-        else:
-            from dataclasses import replace
+        from dataclasses import replace
 
-            gpt_dir = out / "runs" / "gpt_concept"
-            cfg = replace(gptrun.CONCEPT_TRAIN, steps=args.gpt_steps, warmup=min(gptrun.CONCEPT_TRAIN.warmup,
-                                                                                args.gpt_steps // 10))
-            m = gptrun.train_gpt_run(gpt_dir, "concept", data_config=reference_config(), train_config=cfg,
-                                     progress=False)
-            md, nums = study("gpt", load_run(gpt_dir), args, out, window=(-2.0, 4.0), wide=40.0)
-            sections.append(md + f"\nGPT: {m.get('params')} parameters, CE gap to the entropy "
-                            f"{m.get('gap', float('nan')):.2e} nats.\n")
-            numbers["gpt"] = nums
-            print(f"gpt done ({time.perf_counter() - t0:.0f} s)")
+        gpt_dir = out / "runs" / "gpt_concept"
+        cfg = replace(gptrun.CONCEPT_TRAIN, steps=args.gpt_steps, warmup=min(gptrun.CONCEPT_TRAIN.warmup,
+                                                                            args.gpt_steps // 10))
+        m = gptrun.train_gpt_run(gpt_dir, "concept", data_config=reference_config(), train_config=cfg,
+                                 progress=False)
+        md, nums = study("gpt", load_run(gpt_dir), args, out, window=(-2.0, 4.0), wide=40.0)
+        sections.append(md + f"\nGPT: {m.get('params')} parameters, CE gap to the entropy "
+                        f"{m.get('gap', float('nan')):.2e} nats.\n")
+        numbers["gpt"] = nums
+        print(f"gpt done ({time.perf_counter() - t0:.0f} s)")
 
     header = ("# Optimal steering strength by gradients in alpha\n\n"
               "Objectives (ufmjax.optimize): Δp(T) is the weighted mean over contexts of Def. 3.5's concept "

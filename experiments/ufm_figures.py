@@ -49,10 +49,10 @@ def main(argv=None) -> int:
         jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
-    from ufmjax import io
-    from ufmjax.data import reference_config
-    from ufmjax.figures import check_summary, dirichlet_config, jsonable, train_or_load, ufm_figures
-    from ufmjax.runs import load_run
+    from ufmjax.common import jsonable
+    from ufmjax.data import dirichlet_config, reference_config
+    from ufmjax.report.figures import check_summary, train_or_load, ufm_figures
+    from ufmjax.runs import io, load_run
 
     t0 = time.perf_counter()
     out = Path(args.out)

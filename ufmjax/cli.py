@@ -1,12 +1,35 @@
-"""The `ufmjax` command: parses arguments and calls the library; user errors exit with status 2."""
+"""The `ufmjax` command: parses arguments and calls the library; user errors exit with status 2.
+
+Commands: `train ufm|gpt`, `sweep`, `optimize`, `reproduce`, `bench`. Every command steers a
+run through `run.steer(...)` (ufmjax.runs), so `sweep` and `optimize` measure the same rows.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import sys
+from dataclasses import replace
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from ufmjax.data import DataConfig, TextConfig
+from ufmjax.kernel import parse_alphas
+from ufmjax.optimize import Objective, optimize
+from ufmjax.report import reproduce
+from ufmjax.runs import gpt as gpt_runs
+from ufmjax.runs import io, load_run, save_sweep, train_ufm_run, versions
+from ufmjax.runs.train import TrainConfig
+
+BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 
-def _add_train(sub):
+# ---------------------------------------------------------------- train
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model into a run folder")
     models = p.add_subparsers(dest="model", required=True)
     u = models.add_parser("ufm", help="the Unconstrained Features Model on the exact loss")
@@ -25,41 +48,85 @@ def _add_train(sub):
     u.add_argument("--out", required=True, help="run folder to write")
     u.add_argument("--force", action="store_true", help="replace an existing run folder")
     u.add_argument("--quiet", action="store_true", help="no progress bar")
-    try:
-        from ufmjax import gptrun
-    except ImportError:
-        return
-    gptrun.add_train_args(models.add_parser("gpt", help="a small GPT on concept data or bundled text"))
+    _add_train_gpt(models.add_parser("gpt", help="a small GPT on concept data or bundled text"))
 
 
-def _add_sweep(sub):
-    p = sub.add_parser("sweep", help="sweep a trained run over an alpha grid into an .npz")
-    p.add_argument("run", help="run folder")
-    p.add_argument("--target", type=int, required=True, help="target concept index")
-    p.add_argument("--negatives", choices=["contrastive", "random"], default="contrastive")
-    p.add_argument("--negative-concept", type=int, default=None, help="concept of N (contrastive)")
-    p.add_argument("--q", type=int, default=None, help="|P| = |N| (default: as many as possible)")
-    p.add_argument("--alphas", default="-20:20:401", help="START:STOP:NUM (default -20:20:401)")
-    p.add_argument("--top-k", type=int, default=None, help="track only the k most likely tokens at max |alpha|")
-    p.add_argument("--ce-against", choices=["data", "model"], default="data",
-                   help="CE reference: data = p(z|c) (concept data) or the observed next character (text); "
-                        "model = the unsteered model itself")
-    p.add_argument("--layer", type=int, default=None, help="GPT: residual layer to steer (0..L)")
-    p.add_argument("--positions", choices=["all", "last"], default="all", help="GPT: positions steered")
-    p.add_argument("--chunk-size", type=int, default=None, help="alphas per compiled call")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random negatives")
-    p.add_argument("--float64", action="store_true", help="compute in float64")
-    p.add_argument("--out", required=True, help=".npz file to write")
+def _add_train_gpt(p) -> None:
+    """Options of `ufmjax train gpt`."""
+    p.add_argument("--corpus", choices=gpt_runs.CORPORA, default="concept",
+                   help="concept: the concept dataset; text: characters of Python's bundled docs")
+    p.add_argument("--layers", type=int, default=None, help="blocks L (concept 1, text 2)")
+    p.add_argument("--width", type=int, default=None, help="residual width D (concept 32, text 64)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (concept 2, text 4)")
+    p.add_argument("--mlp-ratio", type=int, default=None, help="MLP width / D (4)")
+    p.add_argument("--tied", action="store_true", help="tie the unembedding to the token embedding")
+    p.add_argument("--norm", choices=["layernorm", "rmsnorm"], default="layernorm")
+    p.add_argument("--context", type=int, default=None,
+                   help="positions (text: window length, 64; concept: context_len + 1)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (concept 500, text 1500)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (concept 256, text 32)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (3e-3)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (concept 50, text 100)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW decay (concept 0, text 0.01)")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every k steps (text 500)")
+    p.add_argument("--ckpt-every", type=int, default=None, help="checkpoint every k steps (default: eval-every)")
+    p.add_argument("--val-frac", type=float, default=0.1, help="text: validation share (the end of the text)")
+    p.add_argument("--vocab", type=int, default=9, help="concept: vocabulary size V")
+    p.add_argument("--concepts", type=int, default=3, help="concept: number of concepts G")
+    p.add_argument("--eps", type=float, default=0.05, help="concept: off-concept mass")
+    p.add_argument("--context-len", type=int, default=4, help="concept: tokens per context (T-1)")
+    p.add_argument("--contexts-per-concept", type=int, default=4, help="concept: steered contexts per concept")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def cmd_train(args) -> dict:
+def gpt_configs_from_args(args):
+    """(gpt overrides, TrainConfig, batch) from parsed `train gpt` arguments."""
+    gpt = {k: getattr(args, a) for k, a in (("layers", "layers"), ("width", "width"), ("heads", "heads"),
+                                            ("mlp_ratio", "mlp_ratio"), ("context", "context"))
+           if getattr(args, a) is not None}
+    gpt.update(tied=bool(args.tied), norm=args.norm)
+    base = gpt_runs.CONCEPT_TRAIN if args.corpus == "concept" else gpt_runs.TEXT_TRAIN
+    changes = {k: getattr(args, a) for k, a in (("steps", "steps"), ("lr", "lr"), ("warmup", "warmup"),
+                                                ("weight_decay", "weight_decay"), ("eval_every", "eval_every"),
+                                                ("ckpt_every", "ckpt_every"))
+               if getattr(args, a) is not None}
+    if "steps" in changes and "warmup" not in changes:
+        changes["warmup"] = min(base.warmup, changes["steps"] // 10)
+    if "steps" in changes and "eval_every" not in changes and base.eval_every >= changes["steps"]:
+        changes["eval_every"] = 0
+    train_cfg = replace(base, **changes)
+    if args.ckpt_every is None:
+        train_cfg = replace(train_cfg, ckpt_every=train_cfg.eval_every)
+    return gpt, train_cfg, args.batch
+
+
+def _train_gpt(args) -> dict:
+    """`ufmjax train gpt ...`: train, then print one summary line."""
+    gpt, train_cfg, batch = gpt_configs_from_args(args)
+    if args.corpus == "concept":
+        kw = {"data_config": DataConfig(vocab=args.vocab, concepts=args.concepts, eps=args.eps,
+                                        context_len=args.context_len,
+                                        contexts_per_concept=args.contexts_per_concept, seed=args.seed)}
+    else:
+        kw = {"text_config": TextConfig(val_frac=args.val_frac)}
+    metrics = gpt_runs.train_gpt_run(args.out, args.corpus, gpt=gpt, train_config=train_cfg, batch=batch, seed=args.seed,
+                            progress=not args.quiet, force=args.force, **kw)
+    if args.corpus == "concept":
+        print(f"final_ce={metrics['final_ce']:.6f} entropy={metrics['entropy']:.6f} gap={metrics['gap']:.2e} nats "
+              f"(fixed contexts gap={metrics['gap_fixed']:.2e})  {metrics['seconds']:.1f}s  ({args.out})")
+    else:
+        print(f"val_loss={metrics['val_loss']:.4f} bigram={metrics['bigram_val_loss']:.4f} "
+              f"unigram={metrics['unigram_val_loss']:.4f} nats/char  {metrics['seconds']:.1f}s  ({args.out})")
+    return metrics
+
+
+def cmd_train(args) -> int:
     if args.model == "gpt":
-        from ufmjax import gptrun
-
-        return gptrun.cli_train(args)
-    from ufmjax.data import DataConfig
-    from ufmjax.runs import train_ufm_run
-    from ufmjax.train import TrainConfig
+        _train_gpt(args)
+        return 0
 
     def floats(name, text):
         if text is None:
@@ -77,64 +144,206 @@ def cmd_train(args) -> dict:
                             progress=not args.quiet, force=args.force)
     print(f"final_ce={metrics['final_ce']:.6f} entropy={metrics['entropy']:.6f} "
           f"gap={metrics['gap']:.2e} nats  ({args.out})")
-    return metrics
+    return 0
 
 
-def cmd_sweep(args):
-    import contextlib
+# ---------------------------------------------------------------- sweep
 
-    import jax
+def _add_steering_args(p) -> None:
+    """The options of `run.steer(...)`, shared by sweep and optimize."""
+    p.add_argument("--negatives", choices=["contrastive", "random"], default="contrastive")
+    p.add_argument("--negative-concept", type=int, default=None, help="concept of N (contrastive)")
+    p.add_argument("--q", type=int, default=None, help="|P| = |N| (default: as many as possible)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random negatives")
+    p.add_argument("--ce-against", choices=["data", "model"], default="data",
+                   help="CE reference: data = p(z|c) (concept data) or the observed next character (text); "
+                        "model = the unsteered model itself")
+    p.add_argument("--layer", type=int, default=None, help="GPT: residual layer to steer (0..L)")
+    p.add_argument("--positions", choices=["all", "last"], default=None, help="GPT: positions steered (all)")
 
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="sweep a trained run over an alpha grid into an .npz")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--target", type=int, required=True, help="target concept index")
+    _add_steering_args(p)
+    p.add_argument("--alphas", default="-20:20:401", help="START:STOP:NUM (default -20:20:401)")
+    p.add_argument("--top-k", type=int, default=None, help="track only the k most likely tokens at max |alpha|")
+    p.add_argument("--chunk-size", type=int, default=None, help="alphas per compiled call")
+    p.add_argument("--float64", action="store_true", help="compute in float64")
+    p.add_argument("--out", required=True, help=".npz file to write")
+
+
+def _steer_kwargs(args) -> dict:
+    return {"negative_concept": args.negative_concept, "q": args.q, "seed": args.seed,
+            "ce_against": args.ce_against, "layer": args.layer, "positions": args.positions}
+
+
+def cmd_sweep(args) -> int:
     # A scoped switch, not a global one: the CLI is also called in-process (tests, notebooks).
     with jax.enable_x64(True) if args.float64 else contextlib.nullcontext():
-        _sweep(args)
-
-
-def _sweep(args):
-    import jax.numpy as jnp
-
-    from ufmjax import io
-    from ufmjax.runs import load_run, save_sweep, ufm_sweep
-    from ufmjax.sweep import parse_alphas
-
-    alphas = parse_alphas(args.alphas)
-    if not args.out.endswith(".npz"):
-        raise ValueError(f"out must be a .npz file, got {args.out!r}")
-    cfg = io.load_run_config(args.run)
-    dtype = jnp.float64 if args.float64 else jnp.float32
-    if cfg["model"] == "gpt":
-        from ufmjax import gptrun
-
-        arrays, meta = gptrun.cli_sweep(args, alphas, dtype)
-    else:
-        if args.layer is not None:
-            raise ValueError("layer applies to GPT runs only")
+        alphas = parse_alphas(args.alphas)
+        if not args.out.endswith(".npz"):
+            raise ValueError(f"out must be a .npz file, got {args.out!r}")
+        dtype = jnp.float64 if args.float64 else jnp.float32
         run = load_run(args.run)
-        arrays, meta = ufm_sweep(run, alphas, target=args.target, negatives=args.negatives,
-                                 negative_concept=args.negative_concept, q=args.q, seed=args.seed,
-                                 ce_against=args.ce_against, top_k=args.top_k, chunk_size=args.chunk_size,
-                                 dtype=dtype)
-    save_sweep(args.out, arrays, meta)
+        if isinstance(run, gpt_runs.GPTRun):
+            arrays, meta = gpt_runs.gpt_sweep(
+                run, alphas, target=args.target, negatives=args.negatives, top_k=args.top_k,
+                chunk_size=args.chunk_size, dtype=dtype, limits=True, local_ufm=True, text_ce=True, presence=True,
+                **{k: v for k, v in _steer_kwargs(args).items() if k != "positions"},
+                positions=args.positions or "all")
+        else:
+            st = run.steer(args.target, args.negatives, dtype=dtype, **_steer_kwargs(args))
+            tokens = None if args.top_k is None else st.top_tokens(alphas, args.top_k)
+            arrays = st.sweep(alphas, tokens=tokens, chunk_size=args.chunk_size)
+            arrays.update(st.arrays)
+            meta = {**st.meta, "dtype": str(jnp.dtype(dtype)), "derivatives": 2, "versions": versions()}
+        save_sweep(args.out, arrays, meta)
     print(f"wrote {args.out}: {arrays['alphas'].size} alphas x {arrays['probs_base'].shape[0]} contexts, "
           f"max delta_ce={arrays['delta_ce'].max():.4g}")
+    return 0
+
+
+# ---------------------------------------------------------------- optimize
+
+def _add_optimize(sub) -> None:
+    p = sub.add_parser("optimize", help="solve for the best steering strength alpha (penalised, budgeted or "
+                                      "target level) by gradients")
+    p.add_argument("run", help="run folder (UFM or GPT)")
+    p.add_argument("--objective", choices=["penalised", "budget", "level"], default="penalised",
+                   help="penalised: max dp - lam*D; budget: max dp - lam*D s.t. D <= budget; "
+                        "level: min |alpha| s.t. target-concept probability >= level")
+    p.add_argument("--lam", type=float, default=None, help="penalty weight (penalised: default 0.1; budget: 0)")
+    p.add_argument("--budget", type=float, default=None, help="distortion budget in nats (objective budget)")
+    p.add_argument("--level", type=float, default=None, help="target-concept probability in (0, 1) (objective level)")
+    p.add_argument("--metric", choices=["ce", "kl"], default="ce",
+                   help="distortion D: ΔCE (Def. 3.7) or mean KL to the unsteered model")
+    p.add_argument("--per-context", action="store_true", help="one alpha per evaluation context (a vector)")
+    p.add_argument("--target", required=True,
+                   help="target concept index (text GPT runs: also a class name, e.g. uppercase)")
+    p.add_argument("--contexts", default=None,
+                   help="evaluation contexts: comma-separated row indices (default: all rows)")
+    _add_steering_args(p)
+    p.add_argument("--method", choices=["newton", "lbfgs", "adam", "gd"], default="newton",
+                   help="newton: kernel second derivatives; lbfgs/adam/gd: optax on reverse-mode gradients")
+    p.add_argument("--tol", type=float, default=None, help="gradient tolerance (default 1e-10; float32 1e-5)")
+    p.add_argument("--max-iter", type=int, default=None, help="iterations per inner solve")
+    p.add_argument("--alpha-max", type=float, default=1e3, help="largest |alpha| searched (default 1000)")
+    p.add_argument("--lr", type=float, default=None, help="adam / gd learning rate")
+    p.add_argument("--float32", action="store_true", help="compute in float32 (default float64)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+
+
+def _contexts(text):
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"contexts must be comma-separated row indices, got {text!r}") from None
+
+
+def cmd_optimize(args) -> int:
+    # float64 by default, as a scoped switch (the CLI is also called in-process).
+    with jax.enable_x64(True) if not args.float32 else contextlib.nullcontext():
+        if not args.out.endswith(".json"):
+            raise ValueError(f"out must be a .json file, got {args.out!r}")
+        objective = Objective(args.objective, lam=args.lam, budget=args.budget, level=args.level,
+                              metric=args.metric)
+        dtype = jnp.float32 if args.float32 else jnp.float64
+        st = load_run(args.run).steer(args.target, args.negatives, dtype=dtype, **_steer_kwargs(args))
+        problem = st.problem(contexts=_contexts(args.contexts))
+        result = optimize(problem, objective, per_context=args.per_context, method=args.method, tol=args.tol,
+                          max_iter=args.max_iter, alpha_max=args.alpha_max, lr=args.lr)
+        meta = {k: v for k, v in st.meta.items() if k != "target"}
+        if "context_concept" in st.arrays:
+            meta["context_concept"] = st.arrays["context_concept"][problem.contexts].tolist()
+        out = {**result.to_dict(), **meta, "dtype": str(jnp.dtype(dtype)), "versions": versions()}
+        io.write_json_atomic(args.out, out)
+    alpha = result.alpha if not args.per_context else f"[{min(result.alpha):.4g} .. {max(result.alpha):.4g}]"
+    alpha = f"{alpha:.6g}" if isinstance(alpha, float) else alpha
+    print(f"alpha={alpha} objective={result.objective:.6g} delta_p_target={result.delta_p_target:.4g} "
+          f"delta_ce={result.delta_ce:.4g} kl={result.kl:.4g} iterations={result.iterations} "
+          f"evaluations={result.evaluations} ({args.out})")
+    if result.converged:
+        return 0
+    print(f"ufmjax optimize: NOT CONVERGED: {result.message}", file=sys.stderr)
+    return 1
+
+
+# ---------------------------------------------------------------- reproduce and bench
+
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="train, sweep, check every law of the theory, optimise alpha; "
+                                         "write figures and report.md")
+    p.add_argument("--out", default="results/reproduce", help="folder for runs, figures and report.md")
+    p.add_argument("--quick", action="store_true", help="small version (under 2 minutes)")
+    p.add_argument("--force", action="store_true", help="retrain instead of reusing finished runs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_reproduce(args) -> int:
+    summary = reproduce(args.out, quick=args.quick, force=args.force, progress=not args.quiet)
+    print(f"{summary['passed']}/{summary['total']} laws pass in {summary['seconds']:.0f} s; "
+          f"report: {args.out}/report.md")
+    if summary["failed_sections"]:
+        print(f"sections that failed to run: {', '.join(summary['failed_sections'])}")
+    return 0 if summary["all_passed"] else 1
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark the sweep kernel (ratios against exp, NumPy, full GPT passes, "
+                                     "grids); write bench.md (needs the source checkout's benchmarks/)")
+    add_bench_args(p)
+
+
+def add_bench_args(p) -> None:
+    """The options of `ufmjax bench` (also those of `python benchmarks/bench.py`)."""
+    p.add_argument("--out", default="results", help="folder for bench.md and bench.json (default results)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="smoke test, under a minute (ratios not meaningful)")
+    mode.add_argument("--full", action="store_true",
+                      help="also the full 20,000 alphas x 32 contexts x 50,257 tokens memory run")
+    p.add_argument("--sections", default=None,
+                   help="comma-separated subset of: ufm_exp, ufm_numpy, gpt, optimize, scaling, memory, precision")
+    p.add_argument("--quiet", action="store_true", help="no per-section progress lines")
+
+
+def load_bench():
+    """The benchmark suite, `benchmarks/bench.py` of the source checkout (it is not in the wheel)."""
+    if not BENCH_SCRIPT.is_file():
+        raise ValueError(f"bench needs the source checkout's {BENCH_SCRIPT.parent.name}/ folder "
+                         f"(not installed with the wheel; looked for {BENCH_SCRIPT})")
+    spec = importlib.util.spec_from_file_location("ufmjax_benchmarks", BENCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its child processes and dataclasses look it up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def cmd_bench(args) -> int:
+    return load_bench().main_from_args(args)
+
+
+# ---------------------------------------------------------------- main
+
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "optimize": cmd_optimize, "reproduce": cmd_reproduce,
+            "bench": cmd_bench}
+# Options whose value may start with '-' (a negative number): argparse would read it as an option.
+VALUE_OPTIONS = {"--alphas", "--alpha-range", "--level", "--lam", "--budget"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ufmjax", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ufmjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_sweep(sub)
-    for name in ("optimize", "reproduce", "bench"):
-        try:
-            mod = __import__(f"ufmjax.cli_{name}", fromlist=["add_args"])
-        except ImportError:
-            continue
-        mod.add_args(sub.add_parser(name, help=mod.HELP))
+    for add in (_add_train, _add_sweep, _add_optimize, _add_reproduce, _add_bench):
+        add(sub)
     return parser
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:
-    """Let `--alphas -20:20:401` through: argparse would read '-20:20:401' as an option."""
+    """Let `--alphas -20:20:401` through as `--alphas=-20:20:401`."""
     out = []
     for arg in argv:
         if out and out[-1] in VALUE_OPTIONS and arg.startswith("-") and arg[1:2].isdigit():
@@ -144,28 +353,17 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
-VALUE_OPTIONS = {"--alphas", "--alpha-range", "--level", "--lam", "--budget"}
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
-    from ufmjax.io import CheckpointError
-
-    handlers = {"train": cmd_train, "sweep": cmd_sweep}
     try:
-        if args.command in handlers:
-            handlers[args.command](args)
-            rc = 0
-        else:
-            rc = __import__(f"ufmjax.cli_{args.command}", fromlist=["run"]).run(args)
-    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        return COMMANDS[args.command](args)
+    except (ValueError, io.CheckpointError, FileNotFoundError) as e:
         print(f"ufmjax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ufmjax: interrupted", file=sys.stderr)
         return 130
-    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

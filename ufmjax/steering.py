@@ -1,10 +1,23 @@
-"""Steering vectors and the pure `alpha -> steered logits` closures the sweep kernel consumes.
+"""The contract between models and the kernel: `Steered`, difference of means, and registries.
 
 Shape legend: M = contexts/rows, V = vocabulary, D = residual width.
+
+A model hands the kernel (and the optimiser) a `Steered(fn, params)` with
+`fn(params, alpha) -> logits [M, V]` (docs/theory.md, Eq. 1). The kernel knows no model: a
+model that has more structure declares it here, through two registries,
+
+- `register_affine(fn)`: fn is exactly affine in alpha (logits l + alpha u, the UFM by
+  Lemma B.2), so the kernel takes its closed-form affine path;
+- `register_rowwise(fn, rowwise)`: `rowwise(params, alpha_M)` steers row j by alpha_M[j] in one
+  pass, so the per-context optimiser needs one model evaluation instead of M.
+
+Both registries are keyed by the function object, so `fn` must be stable (module level or
+memoised); everything that varies between models lives in `params`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -15,52 +28,79 @@ from ufmjax.data import check_steering_sets
 
 
 class Steered(NamedTuple):
-    """A steered model as the kernel sees it: `fn(params, alpha) -> logits [M, V]`.
-
-    `fn` must be a stable, hashable function (module level or memoised), since the kernel
-    compiles once per `fn`; everything that varies between models lives in `params`.
-    """
+    """A steered model as the kernel sees it: `fn(params, alpha) -> logits [M, V]`."""
 
     fn: Callable[[Any, jax.Array], jax.Array]
     params: Any
 
 
 def diff_of_means(h_MxD, P, N) -> np.ndarray:
-    """Eq. 3: v = mean_{j in P} h_j - mean_{j in N} h_j over rows of h_MxD."""
+    """Eq. 3: v = mean_{j in P} h_j - mean_{j in N} h_j over rows of h_MxD (in float64)."""
     h_MxD = np.asarray(h_MxD, dtype=np.float64)  # exact means even for float32 models
     P, N = check_steering_sets(P, N, h_MxD.shape[0])
     return h_MxD[P].mean(axis=0) - h_MxD[N].mean(axis=0)
 
 
+# ---------------------------------------------------------------- registries
+
+_AFFINE: set = set()
+_ROWWISE: dict = {}
+
+
+def register_affine(fn):
+    """Declare `fn(params, alpha)` exactly affine in alpha, so sweeps take the affine path."""
+    _AFFINE.add(fn)
+    return fn
+
+
+def is_affine(fn) -> bool:
+    """Whether `fn` was declared affine in alpha (`register_affine`)."""
+    return fn in _AFFINE
+
+
+def register_rowwise(fn: Callable, rowwise: Callable) -> None:
+    """Declare `rowwise(params, alpha_M) -> logits [M, V]` (row j at alpha_M[j]) for closure fn.
+
+    Without it, per-context optimisation evaluates the model once per row (M times the work).
+    `rowwise` must be stable (module level or memoised), like fn.
+    """
+    _ROWWISE[fn] = rowwise
+
+
+@functools.lru_cache(maxsize=64)
+def diagonal_rowwise(fn):
+    """Row j of fn(params, alpha_M[j]) for every j: one full model evaluation per row."""
+
+    def rowwise(params, alpha_M):
+        rows = jnp.arange(alpha_M.shape[0])
+        return jax.vmap(lambda a, j: jnp.take(fn(params, a), j, axis=0))(alpha_M, rows)
+
+    return rowwise
+
+
+def rowwise_of(fn) -> tuple[Callable, bool]:
+    """(rowwise closure, whether it is one pass) for a steered closure fn."""
+    if fn in _ROWWISE:
+        return _ROWWISE[fn], True
+    return diagonal_rowwise(fn), False
+
+
+# ---------------------------------------------------------------- a closure of no model
+
+@register_affine
 def linear_logits(params, alpha):
-    """Logits linear in alpha: base + alpha * direction (the UFM exactly, Lemma B.2)."""
+    """Logits linear in alpha: base + alpha * direction (any UFM-like toy)."""
     return params["base"] + alpha * params["direction"]
+
+
+def linear_rowwise(params, alpha_M):
+    """`linear_logits` with row j at alpha_M[j]."""
+    return params["base"] + alpha_M[:, None] * params["direction"]
+
+
+register_rowwise(linear_logits, linear_rowwise)
 
 
 def linear_steered(base_MxV, direction) -> Steered:
     """`alpha -> base + alpha * direction`; direction is [V] (shared) or [M, V]."""
     return Steered(linear_logits, {"base": jnp.asarray(base_MxV), "direction": jnp.asarray(direction)})
-
-
-def ufm_logits(params, alpha):
-    """Steered UFM logits W (h_j + alpha v) = l_j + alpha W v (Lemma B.2).
-
-    The parameters, not precomputed logits, are the closure's inputs, so a float64 sweep is
-    float64 all the way; W H does not depend on alpha, so vmap computes it once per chunk.
-    """
-    W_VxD = params["W"]
-    return (W_VxD @ params["H"]).T + alpha * (W_VxD @ params["v"])
-
-
-def ufm_steered(model, v_D) -> Steered:
-    """The UFM steered along v."""
-    W_VxD = model.W[...]
-    v_D = jnp.asarray(v_D)
-    if v_D.shape != (W_VxD.shape[1],):
-        raise ValueError(f"steering vector must have width {W_VxD.shape[1]}, got shape {tuple(v_D.shape)}")
-    return Steered(ufm_logits, {"W": W_VxD, "H": model.H[...], "v": v_D})
-
-
-def ufm_steering_vector(model, P, N) -> np.ndarray:
-    """Difference of means of the trained context embeddings (columns of H)."""
-    return diff_of_means(np.asarray(model.H[...]).T, P, N)

@@ -1,0 +1,59 @@
+"""Helpers at the bottom of the import graph, written once for the whole package.
+
+Nothing here imports another ufmjax module: float casting of parameter trees, the float64
+log-softmax of the host-side (numpy) checks, and the one rule for turning results into JSON.
+JAX is imported inside the two functions that need it, so the JSON rule and the atomic file
+writes built on it (`ufmjax.runs.io`) load with numpy alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def cast_floats(tree, dtype):
+    """Every floating leaf of `tree` as a jax array of `dtype`; integer leaves unchanged."""
+    import jax
+    import jax.numpy as jnp
+
+    def one(x):
+        x = jnp.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(one, tree)
+
+
+def float_dtype_of(tree):
+    """The dtype of the first floating leaf of a pytree (float32 when there is none)."""
+    import jax
+    import jax.numpy as jnp
+
+    for x in jax.tree.leaves(tree):
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+            return jnp.asarray(x).dtype
+    return jnp.dtype(jnp.float32)
+
+
+def log_softmax64(logits_xV, axis: int = -1) -> np.ndarray:
+    """log softmax in float64 numpy, max-subtracted (the host-side reference of every check)."""
+    x = np.asarray(logits_xV, dtype=np.float64)
+    x = x - x.max(axis=axis, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
+
+
+def jsonable(x):
+    """A value JSON can hold: numpy scalars and arrays as Python numbers and lists, tuples as
+    lists, NaN as null and +-inf as the strings "inf" / "-inf" (JSON has neither)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray) or (hasattr(x, "__array__") and hasattr(x, "shape")):  # numpy or jax
+        return jsonable(np.asarray(x).tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x

@@ -1,0 +1,351 @@
+"""The chunked, sharded driver: the point evaluator and the sweep over a grid.
+
+Shape legend: A = alphas of the grid, C = alphas of one chunk, M = rows, V = vocabulary,
+G = concepts, K = tracked tokens.
+
+`Evaluator` compiles one closure with one `Measure` (on the path the closure allows: affine,
+taylor or jvp) and evaluates every quantity with its derivatives at any alphas; `sweep` plans
+a grid into chunks, shards each chunk's alpha axis over the devices (a 1-D
+`jax.sharding.Mesh`), drives them through the evaluator (copying one chunk back while the
+next runs) and assembles the result. With one device this is the plain single-device
+computation; the same code runs on many GPUs, a TPU slice or several hosts under
+`jax.distributed` (each process passes the same grid and receives the whole result).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ufmjax import steering
+from ufmjax.common import cast_floats
+from ufmjax.kernel import affine
+from ufmjax.kernel.measure import PREFIXES, Measure, Reference, make_measure, reference_fn
+from ufmjax.kernel.taylor import jvp_chunk_fn, taylor_chunk_fn
+from ufmjax.steering import Steered
+
+# Elements of one [C, M, V] intermediate the default chunk size aims at (8 MiB in float32): a
+# dozen such arrays live at once with second derivatives; larger chunks fall out of the CPU's
+# caches and run slower, not faster (measured on a GPT: 2.4x slower at 4x the size).
+CHUNK_ELEMENTS = 1 << 21
+MAX_CHUNK = 512
+METHODS = ("auto", "affine", "taylor", "jvp")
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+
+
+# ---------------------------------------------------------------- arguments
+
+def check_alphas(alphas) -> np.ndarray:
+    """A 1-D, non-empty, finite alpha grid (as float64 numpy), else ValueError naming alphas."""
+    arr = np.asarray(alphas, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"alphas must be a non-empty 1-D grid, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("alphas must be finite (found NaN or inf)")
+    return arr
+
+
+def parse_alphas(spec: str) -> np.ndarray:
+    """'START:STOP:NUM' -> NUM evenly spaced alphas from START to STOP, both included."""
+    parts = spec.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"alphas must be START:STOP:NUM, got {spec!r}")
+    try:
+        start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
+    except ValueError:
+        raise ValueError(f"alphas must be START:STOP:NUM with numbers, got {spec!r}") from None
+    if num < 1:
+        raise ValueError(f"alphas NUM must be >= 1, got {num}")
+    if not (math.isfinite(start) and math.isfinite(stop)):
+        raise ValueError(f"alphas START and STOP must be finite, got {spec!r}")
+    if num > 1 and stop <= start:
+        raise ValueError(f"alphas STOP must exceed START (the grid is increasing), got {spec!r}")
+    return check_alphas(np.linspace(start, stop, num))
+
+
+def check_dtype(dtype) -> jnp.dtype:
+    dtype = jnp.dtype(dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("dtype float64 needs jax_enable_x64 (ufmjax sweep --float64 sets it)")
+    return dtype
+
+
+def check_order(order) -> int:
+    if order not in (0, 1, 2):
+        raise ValueError(f"derivatives must be 0, 1 or 2, got {order!r}")
+    return int(order)
+
+
+def resolve_method(fn, method: str, num_concepts: int) -> str:
+    """'auto' -> 'affine' for closures declared affine (few concepts), else 'taylor'."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    return "affine" if steering.is_affine(fn) and num_concepts <= affine.AFFINE_MAX_CONCEPTS else "taylor"
+
+
+# ---------------------------------------------------------------- sizes and placement
+
+def default_chunk_size(num_rows: int, vocab: int, num_devices: int = 1, intermediate: int = 0,
+                       order: int = 0) -> int:
+    """Largest chunk keeping one [C, M, V] intermediate near CHUNK_ELEMENTS, per device.
+
+    `intermediate`: elements of the closure's largest intermediate for one alpha (a GPT's
+    [B, T, 4 D] activations can dwarf its [M, V] logits); the chunk is sized to the larger.
+    `order`: derivatives asked for; forward mode carries order + 1 streams through the model.
+    """
+    per_alpha = max(1, num_rows * vocab, intermediate) * (order + 1)
+    per_device = max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // per_alpha))
+    return per_device * num_devices
+
+
+def largest_intermediate(fn, params, dtype) -> int:
+    """Elements of the largest array `fn(params, alpha)` computes for one alpha."""
+    closed = jax.make_jaxpr(fn)(params, jnp.zeros((), dtype))
+
+    def walk(jaxpr) -> int:
+        best = 0
+        for eqn in jaxpr.eqns:
+            for v in eqn.outvars:
+                best = max(best, math.prod(getattr(v.aval, "shape", ())))
+            for p in eqn.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        best = max(best, walk(sub.jaxpr))
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        best = max(best, walk(sub))
+        return best
+
+    return walk(closed.jaxpr)
+
+
+def place(tree, sharding):
+    """Put host or device arrays on `sharding`. Several processes (jax.distributed) each hold
+    the same values, so every process builds the global array from its own copy."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
+
+
+def to_host(value) -> np.ndarray:
+    """A kernel result as numpy, gathered from every process when it spans several hosts."""
+    if getattr(value, "is_fully_addressable", True):
+        return np.asarray(value)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
+# ---------------------------------------------------------------- the point evaluator
+
+class Evaluator:
+    """One steered closure and one Measure, compiled once: every quantity and its derivatives.
+
+    Args:
+      steered: the model's `alpha -> logits [M, V]` closure.
+      measure: what to compute (`make_measure`), in the evaluator's dtype.
+      order: the most derivatives any call asks for (0, 1 or 2).
+      method: "auto" (affine for closures declared affine, else taylor), "affine", "taylor"
+        or "jvp" (the nested-jvp reference). All agree to rounding.
+      dtype: float32 or float64.
+      devices: the devices of the mesh (all visible devices by default).
+      reference: the alpha = 0 Reference to measure against (computed from `steered` if None;
+        the per-context optimiser passes the unsteered model's own).
+      alphas_per_call: the chunk length the caller will use (sizes the affine row blocks).
+    """
+
+    def __init__(self, steered: Steered, measure: Measure, *, order: int = 2, method: str = "auto",
+                 dtype=jnp.float32, devices=None, reference: Reference | None = None, alphas_per_call: int = 1):
+        self.dtype = check_dtype(dtype)
+        self.order = check_order(order)
+        self.fn = steered.fn
+        self.method = resolve_method(self.fn, method, measure.num_concepts)
+        self.devices = list(jax.devices() if devices is None else devices)
+        if not self.devices:
+            raise ValueError("devices must name at least one device")
+        mesh = Mesh(np.asarray(self.devices), ("alpha",))
+        self.alpha_sharding = NamedSharding(mesh, PartitionSpec("alpha"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        params = cast_floats(steered.params, self.dtype)
+        self.reference = reference_fn(self.fn)(params, measure) if reference is None else reference
+        self.measure = place(measure, replicated)
+        if self.method == "affine":
+            M, V = measure.num_rows, int(measure.onehot_VxG.shape[0])
+            per_device = max(1, -(-alphas_per_call // len(self.devices)))
+            self.row_block = affine.affine_row_block(M, V, per_device)
+            self.parts = place(affine.affine_parts(self.fn, params, measure, self.order), replicated)
+            self.affine_reference = affine.affine_reference_fn(self.row_block)(self.parts, self.measure)
+        else:
+            self.params, self.reference = place((params, self.reference), replicated)
+
+    def chunk(self, alphas_C, order: int | None = None):
+        """Device results for a chunk of alphas (placed by the caller): one dict per order."""
+        order = self.order if order is None else check_order(order)
+        if order > self.order:
+            raise ValueError(f"this evaluator was compiled for {self.order} derivatives, not {order}")
+        if self.method == "affine":
+            fn = affine.affine_chunk_fn(order, self.row_block)
+            return fn(alphas_C, self.parts, self.affine_reference, self.measure)
+        fn = (jvp_chunk_fn if self.method == "jvp" else taylor_chunk_fn)(self.fn, order)
+        return fn(alphas_C, self.params, self.reference, self.measure)
+
+    def at(self, alphas, order: int | None = None) -> dict[str, np.ndarray]:
+        """Every quantity at `alphas` in one call: `<q>`, `d_<q>`, `d2_<q>` as numpy [A, ...]."""
+        alphas = check_alphas(alphas)
+        result = self.chunk(jnp.asarray(alphas, self.dtype), order)
+        return {prefix + name: to_host(value) for prefix, tree in zip(PREFIXES, result)
+                for name, value in tree.items()}
+
+    def probs_base(self) -> np.ndarray:
+        """Unsteered next-token probabilities [M, V]."""
+        return np.exp(to_host(self.reference.logp_MxV))
+
+
+# ---------------------------------------------------------------- the sweep
+
+def top_tokens(steered: Steered, alphas, k: int) -> np.ndarray:
+    """The k tokens of largest mean steered probability at the grid's largest |alpha| (Fig. 6)."""
+    alphas = check_alphas(alphas)
+    a = alphas[np.argmax(np.abs(alphas))]
+    logits = steered.fn(steered.params, jnp.asarray(a, jnp.result_type(float)))
+    mean_p = np.asarray(jax.nn.softmax(logits, axis=-1).mean(axis=0))
+    if not 1 <= k <= mean_p.size:
+        raise ValueError(f"top_k must be in [1, {mean_p.size}], got {k}")
+    return np.sort(np.argsort(-mean_p, kind="stable")[:k])
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """How a grid is cut: chunks of `chunk_size` alphas (a multiple of the device count)."""
+
+    alphas: np.ndarray
+    order: int
+    method: str
+    dtype: jnp.dtype
+    devices: tuple
+    chunk_size: int
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.alphas.size // self.chunk_size)
+
+    def padded(self) -> np.ndarray:
+        """The grid padded to whole chunks with its last alpha: one compiled shape for any grid."""
+        A = self.alphas.size
+        return np.concatenate([self.alphas, np.full(self.num_chunks * self.chunk_size - A, self.alphas[-1])])
+
+
+def plan_sweep(steered: Steered, alphas, measure: Measure, *, derivatives: int, chunk_size, dtype,
+               devices, method: str) -> SweepPlan:
+    """Check the sweep's arguments and cut the grid into chunks."""
+    alphas = check_alphas(alphas)
+    order = check_order(derivatives)
+    method = resolve_method(steered.fn, method, measure.num_concepts)
+    devices = tuple(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices must name at least one device")
+    n_dev = len(devices)
+    if chunk_size is None:
+        M, V = measure.num_rows, int(measure.onehot_VxG.shape[0])
+        if method == "affine":
+            chunk_size = affine.default_affine_chunk_size(V, n_dev)
+        else:
+            inter = largest_intermediate(steered.fn, cast_floats(steered.params, dtype), dtype)
+            chunk_size = default_chunk_size(M, V, n_dev, inter, order)
+        # A short grid gets a chunk that just holds it (rounded up to an eighth of a power of
+        # two: at most 8 compiled shapes per octave of grid lengths), not a long padded one.
+        per_device = -(-alphas.size // n_dev)
+        granule = max(1, (1 << (per_device - 1).bit_length()) // 8)
+        chunk_size = min(chunk_size, -(-per_device // granule) * granule * n_dev)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = int(-(-chunk_size // n_dev) * n_dev)
+    return SweepPlan(alphas, order, method, jnp.dtype(dtype), devices, chunk_size)
+
+
+def drive(evaluator: Evaluator, plan: SweepPlan) -> dict[str, np.ndarray]:
+    """Run every chunk of the plan; copy each back while the next one runs. Returns [A, ...]."""
+    A, C = plan.alphas.size, plan.chunk_size
+    padded = plan.padded()
+    out: dict[str, np.ndarray] = {}
+
+    def collect(i, result):
+        lo, hi = i * C, min((i + 1) * C, A)
+        for prefix, tree in zip(PREFIXES, result):
+            for name, value in tree.items():
+                value = to_host(value)
+                if prefix + name not in out:
+                    out[prefix + name] = np.empty((A,) + value.shape[1:], value.dtype)
+                out[prefix + name][lo:hi] = value[: hi - lo]
+
+    pending = None
+    for i in range(plan.num_chunks):
+        chunk = place(np.asarray(padded[i * C:(i + 1) * C], plan.dtype), evaluator.alpha_sharding)
+        result = evaluator.chunk(chunk, plan.order)  # dispatched asynchronously
+        if pending is not None:
+            collect(*pending)
+        pending = (i, result)
+    collect(*pending)
+    return out
+
+
+def sweep(steered: Steered, alphas, *, concept_of=None, ce_target=None, weights=None, tokens=None,
+          measure: Measure | None = None, derivatives: int = 2, chunk_size: int | None = None,
+          dtype=jnp.float32, devices=None, method: str = "auto") -> dict[str, np.ndarray]:
+    """Sweep a steered model over an alpha grid.
+
+    Args:
+      steered: the model's `alpha -> logits [M, V]` closure.
+      alphas: 1-D grid of steering strengths (any length; processed in chunks).
+      concept_of, ce_target, weights, tokens: what is measured (see `make_measure`), or
+      measure: a Measure built already (then those four must be left out).
+      derivatives: 0, 1 or 2: how many derivatives in alpha to return.
+      chunk_size: alphas per compiled call; by default sized to the problem and a multiple of
+        the device count. Results do not depend on it.
+      dtype: float32 (default) or float64 (requires jax_enable_x64).
+      devices: devices to shard the alpha axis over; all visible devices by default.
+      method: "auto", "affine", "taylor" or "jvp" (see `Evaluator`).
+    Returns:
+      dict of numpy arrays: `alphas` [A], `tokens` [K], `concept_of` [V], `weights` [M],
+      `probs_base` [M, V], and for each name of QUANTITIES its values `[A, ...]`, with
+      `d_<name>` and `d2_<name>` for the derivatives that were asked for.
+    """
+    dtype = check_dtype(dtype)
+    weights64 = None
+    if measure is None:
+        if concept_of is None:
+            raise ValueError("sweep needs concept_of (or a measure)")
+        measure = make_measure(steered, concept_of=concept_of, ce_target=ce_target, weights=weights,
+                               tokens=tokens, dtype=dtype)
+        # The weights as given (float64), not as rounded into the measure's dtype.
+        weights64 = (np.full(measure.num_rows, 1.0 / measure.num_rows) if weights is None
+                     else np.asarray(weights, np.float64))
+    elif any(x is not None for x in (concept_of, ce_target, weights, tokens)):
+        raise ValueError("give either measure or concept_of/ce_target/weights/tokens, not both")
+    plan = plan_sweep(steered, alphas, measure, derivatives=derivatives, chunk_size=chunk_size, dtype=dtype,
+                      devices=devices, method=method)
+    evaluator = Evaluator(steered, measure, order=plan.order, method=plan.method, dtype=dtype,
+                          devices=plan.devices, alphas_per_call=plan.chunk_size)
+    out = drive(evaluator, plan)
+    out.update(alphas=plan.alphas, tokens=np.asarray(measure.tokens_K).astype(np.int64),
+               concept_of=np.argmax(np.asarray(measure.onehot_VxG), axis=1).astype(np.int64),
+               weights=np.asarray(measure.weights_M, np.float64) if weights64 is None else weights64,
+               probs_base=evaluator.probs_base())
+    return out
+

@@ -1,0 +1,195 @@
+"""What the kernel measures: the validated `Measure`, the alpha = 0 `Reference`, the quantities.
+
+Shape legend: M = rows (contexts or text positions), V = vocabulary, G = concepts, K = tracked
+tokens.
+
+A `Measure` is built and checked once (`make_measure`) and then travels through every compiled
+call as a pytree; the `Reference` holds the unsteered (alpha = 0) values each steered quantity
+is measured against. Both are `flax.struct` dataclasses, so their fields are typed and jit
+sees them as pytrees (static fields are part of the compiled shape).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from ufmjax.common import cast_floats
+from ufmjax.steering import Steered
+
+# Quantities the kernel returns per alpha, with their per-alpha shapes (docs/theory.md).
+QUANTITIES = {
+    "delta_p": "MxK",          # Def. 3.1: steered minus base probability of each tracked token
+    "concept_prob": "MxG",     # F_C(alpha) = sum_{z in C} p_alpha(z)
+    "delta_p_concept": "MxG",  # Def. 3.5: (F_C(alpha) - F_C(0)) / |C|
+    "delta_ce": "",            # Def. 3.7: sum_j w_j (CE_j(alpha) - CE_j(0))
+    "delta_ce_ctx": "M",       # CE_j(alpha) - CE_j(0), per row
+    "kl": "M",                 # KL(p_alpha || p_0) per row
+    "entropy": "M",            # H(p_alpha) per row
+}
+# Key prefixes of the value and of the first and second derivatives in alpha.
+PREFIXES = ("", "d_", "d2_")
+
+
+@struct.dataclass
+class Measure:
+    """What to compute at every alpha, checked once by `make_measure`."""
+
+    tokens_K: jax.Array         # int32 ids of the tracked tokens
+    onehot_VxG: jax.Array       # concept indicator of every token
+    inv_size_G: jax.Array       # 1 / |C| of every concept
+    targets: jax.Array          # CE reference: [M, V] distributions, or [M] int32 labels
+    weights_M: jax.Array        # weights of the rows in delta_ce
+    label_targets: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.weights_M.shape[0])
+
+    @property
+    def num_concepts(self) -> int:
+        return int(self.onehot_VxG.shape[1])
+
+    def target_log_prob(self, logp_MxV):
+        """sum_z t_j(z) log p(z) per row: the negative cross-entropy against the targets."""
+        if self.label_targets:
+            return jnp.take_along_axis(logp_MxV, self.targets[:, None], axis=-1)[:, 0]
+        return jnp.sum(self.targets * logp_MxV, axis=-1)
+
+
+@struct.dataclass
+class Reference:
+    """The unsteered (alpha = 0) values every steered quantity is measured against."""
+
+    logp_MxV: jax.Array
+    p_tokens_MxK: jax.Array
+    F_MxG: jax.Array
+    ce_M: jax.Array
+
+
+def output_shape(steered: Steered, dtype) -> tuple[int, ...]:
+    """The shape of `fn(params, alpha)`, by tracing only."""
+    params = cast_floats(steered.params, dtype)
+    out = jax.eval_shape(steered.fn, params, jax.ShapeDtypeStruct((), dtype))
+    return tuple(getattr(out, "shape", ()))
+
+
+def check_logits_shape(shape) -> tuple[int, int]:
+    if len(shape) != 2:
+        raise ValueError(f"the steered closure must return logits [M, V], got shape {tuple(shape)}")
+    return int(shape[0]), int(shape[1])
+
+
+def make_measure(steered: Steered, *, concept_of, ce_target=None, weights=None, tokens=None,
+                 dtype=jnp.float32) -> Measure:
+    """Validate what a sweep or an optimisation measures on a steered model.
+
+    Args:
+      steered: the model's `alpha -> logits [M, V]` closure (only its output shape is read,
+        and its alpha = 0 distribution when `ce_target` is None).
+      concept_of: [V] concept index of each token (concepts 0..G-1, none empty).
+      ce_target: None (the model's own unsteered distribution, Assumption 2), a float [M, V]
+        table of next-token distributions, or an int [M] array of observed next tokens.
+      weights: [M] non-negative weights of the rows in delta_ce; uniform by default.
+      tokens: [K] token ids to report delta_p for; all V tokens by default.
+      dtype: float32 or float64.
+    Returns:
+      Measure. Raises ValueError naming the argument that is wrong.
+    """
+    M, V = check_logits_shape(output_shape(steered, dtype))
+    concept_of = np.asarray(concept_of)
+    if concept_of.shape != (V,) or not np.issubdtype(concept_of.dtype, np.integer) or concept_of.min() < 0:
+        raise ValueError(f"concept_of must be {V} non-negative integer concept ids, got shape {concept_of.shape}")
+    G = int(concept_of.max()) + 1
+    sizes = np.bincount(concept_of, minlength=G)
+    if np.any(sizes == 0):
+        raise ValueError(f"concept_of leaves concepts {np.flatnonzero(sizes == 0).tolist()} empty")
+    tokens = np.arange(V) if tokens is None else np.asarray(tokens).reshape(-1)
+    if tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0 or tokens.max() >= V:
+        raise ValueError(f"tokens must be a non-empty list of token ids in [0, {V})")
+    weights = np.full(M, 1.0 / M) if weights is None else np.asarray(weights, dtype=np.float64)
+    if weights.shape != (M,) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError(f"weights must be {M} finite non-negative numbers")
+    label_targets = False
+    if ce_target is None:
+        params = cast_floats(steered.params, dtype)
+        targets = jax.nn.softmax(steered.fn(params, jnp.zeros((), dtype)), axis=-1)
+    else:
+        targets = np.asarray(ce_target)
+        label_targets = bool(np.issubdtype(targets.dtype, np.integer))
+        if label_targets:
+            if targets.shape != (M,) or targets.min() < 0 or targets.max() >= V:
+                raise ValueError(f"ce_target labels must be {M} token ids in [0, {V})")
+            targets = jnp.asarray(targets, jnp.int32)
+        else:
+            if targets.shape != (M, V) or not np.all(np.isfinite(targets)):
+                raise ValueError(f"ce_target must be a finite [{M}, {V}] table or {M} labels")
+            targets = jnp.asarray(targets, dtype)
+    return Measure(tokens_K=jnp.asarray(tokens, jnp.int32), onehot_VxG=jnp.asarray(np.eye(G)[concept_of], dtype),
+                   inv_size_G=jnp.asarray(1.0 / sizes, dtype), targets=targets,
+                   weights_M=jnp.asarray(weights, dtype), label_targets=label_targets)
+
+
+# ---------------------------------------------------------------- quantities at one alpha
+
+def values(logp_MxV, p_MxV, ref: Reference, ms: Measure) -> dict:
+    """Every quantity of QUANTITIES at one alpha, from the steered log-probabilities."""
+    F_MxG = p_MxV @ ms.onehot_VxG
+    dce_M = -ms.target_log_prob(logp_MxV) - ref.ce_M
+    return {
+        "delta_p": p_MxV[:, ms.tokens_K] - ref.p_tokens_MxK,
+        "concept_prob": F_MxG,
+        "delta_p_concept": (F_MxG - ref.F_MxG) * ms.inv_size_G,
+        "delta_ce": jnp.dot(ms.weights_M, dce_M),
+        "delta_ce_ctx": dce_M,
+        # p log p is taken as 0 where p underflows (alpha = +-1e6), never 0 * -inf.
+        "kl": jnp.sum(p_MxV * (logp_MxV - ref.logp_MxV), axis=-1),
+        "entropy": -jnp.sum(p_MxV * logp_MxV, axis=-1),
+    }
+
+
+def quantities(logits_MxV, ref: Reference, ms: Measure) -> dict:
+    """Every quantity at one alpha from the steered logits (differentiable in any mode)."""
+    logp_MxV = jax.nn.log_softmax(logits_MxV, axis=-1)
+    return values(logp_MxV, jnp.exp(logp_MxV), ref, ms)
+
+
+def derivative_tree(dp_MxV, dlogp_MxV, extra_M, logp_MxV, ref: Reference, ms: Measure) -> dict:
+    """One derivative of every quantity, from p^(k) = dp and (log p)^(k) = dlogp.
+
+    `extra_M` is the part of KL^(k) and -H^(k) that is not sum_z p^(k) (log p - ...): 0 for
+    the first derivative, Var(dx) for the second (from differentiating log p itself).
+    """
+    F_MxG = dp_MxV @ ms.onehot_VxG
+    dce_M = -ms.target_log_prob(dlogp_MxV)
+    return {
+        "delta_p": dp_MxV[:, ms.tokens_K],
+        "concept_prob": F_MxG,
+        "delta_p_concept": F_MxG * ms.inv_size_G,
+        "delta_ce": jnp.dot(ms.weights_M, dce_M),
+        "delta_ce_ctx": dce_M,
+        "kl": jnp.sum(dp_MxV * (logp_MxV - ref.logp_MxV), axis=-1) + extra_M,
+        "entropy": -jnp.sum(dp_MxV * logp_MxV, axis=-1) - extra_M,
+    }
+
+
+def reference_of(logits_MxV, ms: Measure) -> Reference:
+    """The Reference of unsteered logits."""
+    logp_MxV = jax.nn.log_softmax(logits_MxV, axis=-1)
+    p_MxV = jnp.exp(logp_MxV)
+    return Reference(logp_MxV=logp_MxV, p_tokens_MxK=p_MxV[:, ms.tokens_K], F_MxG=p_MxV @ ms.onehot_VxG,
+                     ce_M=-ms.target_log_prob(logp_MxV))
+
+
+@functools.lru_cache(maxsize=64)
+def reference_fn(fn):
+    """jit((params, measure) -> Reference of fn at alpha = 0), one per closure."""
+
+    def ref(params, ms: Measure):
+        return reference_of(fn(params, jnp.zeros((), ms.onehot_VxG.dtype)), ms)
+
+    return jax.jit(ref)

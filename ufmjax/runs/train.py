@@ -1,0 +1,164 @@
+"""One optax training loop for every model (UFM on the exact loss, GPT on sampled batches).
+
+The model is split once (`nnx.split`) and the step is a pure jitted function of
+(params, optimizer state, batch); the batch of step k comes from `batch_fn(k)`, a function
+of k alone, so a run resumed from a checkpoint at step k replays exactly the steps an
+uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ufmjax.runs import io
+from ufmjax.runs.progress import Progress
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 1e-2
+    warmup: int = 0
+    schedule: str = "cosine"      # "cosine" (to final_lr_frac * lr) or "constant"
+    final_lr_frac: float = 0.0
+    weight_decay: float = 0.0
+    clip: float = 1.0             # global-norm clipping; 0 disables it
+    b1: float = 0.9
+    b2: float = 0.999
+    eval_every: int = 0           # 0: evaluate at the end only
+    ckpt_every: int = 0           # 0: checkpoint at the end only (when a run folder is given)
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not 0 <= self.warmup < self.steps:
+            raise ValueError(f"warmup must be in [0, steps), got {self.warmup!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        for name in ("weight_decay", "clip", "eval_every", "ckpt_every", "final_lr_frac"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warmup, cosine (or constant) decay and global-norm clipping."""
+    if cfg.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            init_value=0.0 if cfg.warmup else cfg.lr, peak_value=cfg.lr, warmup_steps=cfg.warmup,
+            decay_steps=cfg.steps, end_value=cfg.final_lr_frac * cfg.lr)
+    else:
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup, 1)), optax.constant_schedule(cfg.lr)],
+            [cfg.warmup]) if cfg.warmup else cfg.lr
+    parts = [optax.clip_by_global_norm(cfg.clip)] if cfg.clip > 0 else []
+    parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    history: list[dict]
+    seconds: float
+    resumed_from: int | None
+
+
+def train(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Array], cfg: TrainConfig, *,
+          batch_fn: Callable[[int], Any] | None = None, eval_fn: Callable[[nnx.Module], dict] | None = None,
+          run_dir=None, progress: bool = True, desc: str = "train",
+          stop_after: int | None = None) -> TrainResult:
+    """Train `model` in place.
+
+    Args:
+      model: an NNX module; its nnx.Param leaves are trained.
+      loss_fn: loss_fn(model, batch) -> scalar.
+      cfg: optimiser and schedule.
+      batch_fn: step -> batch (a pytree of arrays); None for full-batch losses (batch=None).
+      eval_fn: model -> dict of floats, run every cfg.eval_every steps and at the end.
+      run_dir: where checkpoints go; training resumes from its newest verified checkpoint.
+      progress: show a progress bar.
+      desc: progress bar label.
+      stop_after: stop (as if interrupted) once this many steps are done; for tests.
+    Returns:
+      TrainResult with the final loss and the evaluation history.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(cfg)
+    opt_state = tx.init(params)
+    start, resumed_from = 0, None
+    if run_dir is not None and io.all_steps(run_dir):
+        template = {"params": params, "opt": opt_state, "step": jnp.zeros((), jnp.int32)}
+        start, tree = io.restore_checkpoint(run_dir, template)
+        params, opt_state = tree["params"], tree["opt"]
+        resumed_from = start
+
+    def loss_of(p, batch):
+        return loss_fn(nnx.merge(graphdef, p, rest), batch)
+
+    @jax.jit
+    def step_fn(p, s, batch):
+        loss, grads = jax.value_and_grad(loss_of)(p, batch)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    def checkpoint(step):
+        if run_dir is not None:
+            io.save_checkpoint(run_dir, step, {"params": params, "opt": opt_state,
+                                               "step": jnp.asarray(step, jnp.int32)})
+
+    def evaluate(step, loss):
+        nnx.update(model, params)
+        entry = {"step": step, "loss": float(loss)}
+        if eval_fn is not None:
+            entry.update({k: float(v) for k, v in eval_fn(model).items()})
+        history.append(entry)
+
+    history: list[dict] = []
+    loss = jnp.nan
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    t0 = time.perf_counter()
+    with Progress(cfg.steps, desc, enabled=progress) as bar:
+        bar.update(start)
+        for step in range(start, end):
+            batch = None if batch_fn is None else batch_fn(step)
+            params, opt_state, loss = step_fn(params, opt_state, batch)
+            done = step + 1
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                evaluate(done, loss)
+            if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:
+                checkpoint(done)
+            bar.update(1, **({"loss": float(loss)} if done % 100 == 0 else {}))
+    if end == cfg.steps and start < cfg.steps:
+        evaluate(cfg.steps, loss)
+        checkpoint(cfg.steps)
+    nnx.update(model, params)
+    return TrainResult(steps=end, final_loss=float(loss), history=history,
+                       seconds=time.perf_counter() - t0, resumed_from=resumed_from)
+
+
+def restore_model(model: nnx.Module, run_dir, step: int | None = None) -> int:
+    """Load the parameters of a run's (newest verified) checkpoint into `model`; returns the step."""
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    # The optimizer state is saved beside the parameters, so the template holds one too.
+    cfg = io.read_json(Path(run_dir) / io.CONFIG_FILE)
+    tx = make_optimizer(TrainConfig(**cfg["train"]))
+    template = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    step, tree = io.restore_checkpoint(run_dir, template, step)
+    nnx.update(model, tree["params"])
+    return step
