@@ -12,6 +12,7 @@ from ufmjax import optimize as opt
 from ufmjax import theory
 from ufmjax.cli import main
 from ufmjax.data import select_steering_sets
+from ufmjax.kernel import sweep as uj_sweep
 from ufmjax.optimize import Objective, Problem, optimize
 from ufmjax.models.ufm import ufm_steered, ufm_steering_vector
 from ufmjax.common import cast_floats
@@ -344,11 +345,12 @@ def test_gpt_one_pass_rowwise_and_optimum(positions, x64):
         assert v["dp"][0] @ problem.w_E - lam * v["ce"][0] @ problem.w_E < res.objective
 
 
-def test_the_ufm_optimiser_takes_the_affine_path(reference_run, x64):
-    """The UFM's problem evaluates through the kernel's affine path by default; forcing the
-    generic taylor path gives the same optimum to 1e-10 (and the same evaluation count)."""
+def test_the_optimisers_kernel_paths_agree(reference_run, x64):
+    """On the UFM the optimiser can evaluate through the kernel's affine path (point form) or
+    its generic taylor path (the default, faster at one alpha per call): the same optimum to
+    1e-10, with the same evaluation count."""
     st = reference_run.steer(0, dtype=jnp.float64)
-    fast, slow = st.problem(), st.problem(method="taylor")
+    fast, slow = st.problem(method="affine"), st.problem()
     assert fast.method == "affine" and slow.method == "taylor"
     for obj in (Objective("penalised", lam=0.1), Objective("budget", budget=0.05), Objective("level", level=0.6)):
         a, b = optimize(fast, obj), optimize(slow, obj)
@@ -356,3 +358,12 @@ def test_the_ufm_optimiser_takes_the_affine_path(reference_run, x64):
         assert abs(a.alpha - b.alpha) <= 1e-10, (obj.kind, a.alpha, b.alpha)
         assert abs(a.objective - b.objective) <= 1e-10
         assert a.evaluations == b.evaluations
+    # The point form of the affine path equals its sweep form (moment matrix B) at any alpha.
+    alphas = [-40.0, -1.3, 0.0, 0.4, 7.0, 300.0]
+    point = fast.evaluator
+    swept = uj_sweep(st.steered, alphas, measure=fast.measure, dtype=jnp.float64, method="affine")
+    for k in range(len(alphas)):
+        at = point.at([alphas[k]])
+        for key in ("delta_p_concept", "d_delta_p_concept", "d2_delta_ce_ctx", "kl", "d2_kl"):
+            scale = np.abs(swept[key]).max()  # to rounding of each curve's scale
+            np.testing.assert_allclose(at[key][0], swept[key][k], rtol=0, atol=1e-11 * scale, err_msg=key)

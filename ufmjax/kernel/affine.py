@@ -23,7 +23,7 @@ import numpy as np
 from flax import struct
 
 from ufmjax.kernel.measure import Measure
-from ufmjax.kernel.taylor import count_trace
+from ufmjax.kernel.taylor import count_trace, select
 
 # The affine path carries 3 columns per concept in its moment matrix; beyond this many
 # concepts the generic path is cheaper.
@@ -32,6 +32,9 @@ AFFINE_MAX_CONCEPTS = 64
 # (8 MiB in float32), small enough to stay in cache between the exp and the product e @ B.
 AFFINE_BLOCK = 1 << 21
 VOCAB_BLOCK = 2048
+# At most this many alphas per call, the affine path forms its moment columns on the fly
+# (`point_stats`) instead of building and reading the moment matrix B.
+POINT_ALPHAS = 4
 # Smallest padded size of the upper envelope (vertices per row) the affine kernel compiles for.
 ENVELOPE_PAD = 64
 
@@ -67,14 +70,15 @@ class AffineReference:
 
 
 @functools.lru_cache(maxsize=64)
-def affine_parts_fn(fn, order: int):
+def affine_parts_fn(fn, order: int, moments: bool = True):
     """jit((params, measure) -> l, u, B and the per-row constants; breaks/verts left empty).
 
     l = logits at 0, u = d logits / d alpha (one jvp: exact for an affine closure). The moment
     matrix B [M, V, k] holds, per token, 1, w, lam (w = u - centre, lam = l - centre) and the
     concept indicators, then for each derivative order w^(n+1), lam w^n and the indicators
     times w^n, so that ONE product e @ B gives every sum over the vocabulary the quantities
-    and their derivatives need (columns used up to `order`).
+    and their derivatives need (columns used up to `order`). `moments=False` leaves B empty:
+    point evaluations (`point_stats`) form the columns on the fly instead.
     """
 
     def parts(params, ms: Measure):
@@ -105,10 +109,13 @@ def affine_parts_fn(fn, order: int):
             tu = jnp.sum(ms.targets * u_MxV, axis=1)
         # The vocabulary in blocks of Vb (zero rows of B pad the last one): the kernel's
         # exp / product pass then stays in cache whatever V is.
-        B_MxVxk = jnp.concatenate(cols, axis=-1)
         Vb = min(V, VOCAB_BLOCK)
         nb = -(-V // Vb)
-        B_MxNxVbxk = jnp.pad(B_MxVxk, ((0, 0), (0, nb * Vb - V), (0, 0))).reshape(M, nb, Vb, -1)
+        if moments:
+            B_MxVxk = jnp.concatenate(cols, axis=-1)
+            B_MxNxVbxk = jnp.pad(B_MxVxk, ((0, 0), (0, nb * Vb - V), (0, 0))).reshape(M, nb, Vb, -1)
+        else:
+            B_MxNxVbxk = jnp.zeros((M, 0, 0, 0), l_MxV.dtype)
         empty = jnp.zeros((M, 0), l_MxV.dtype)
         return AffineParts(l=l_MxV, u=u_MxV, B=B_MxNxVbxk, cu=cu, cl=cl, umax=umax, umin=umin,
                            l_tok=l_MxV[:, ms.tokens_K], u_tok=u_MxV[:, ms.tokens_K], T=T, tl=tl, tu=tu,
@@ -117,9 +124,9 @@ def affine_parts_fn(fn, order: int):
     return jax.jit(parts)
 
 
-def affine_parts(fn, params, ms: Measure, order: int) -> AffineParts:
+def affine_parts(fn, params, ms: Measure, order: int, moments: bool = True) -> AffineParts:
     """The affine parts of a closure with its exact upper envelope (computed in float64 numpy)."""
-    aff = affine_parts_fn(fn, order)(params, ms)
+    aff = affine_parts_fn(fn, order, moments)(params, ms)
     breaks, verts = upper_envelope(aff.l, aff.u)
     return aff.replace(breaks=jnp.asarray(breaks, aff.l.dtype), verts=jnp.asarray(verts, jnp.int32))
 
@@ -200,10 +207,44 @@ def affine_stats(alphas_C, aff, row_block: int):
             return acc_Cxk + e_CxVb @ B_Vbxk, None
 
         acc = jnp.zeros((C, B_NxVbxk.shape[-1]), l_NxVb.dtype)
+        if nb == 1:  # one block: no loop (a small vocabulary, e.g. every point the optimiser asks for)
+            return block(acc, (0, l_NxVb[0], u_NxVb[0], B_NxVbxk[0]))[0]
         return jax.lax.scan(block, acc, (jnp.arange(nb), l_NxVb, u_NxVb, B_NxVbxk))[0]
 
-    R_MxCxk = jax.lax.map(row, (l_MxNxVb, u_MxNxVb, B, idx_MxC, ls_MxC, us_MxC), batch_size=row_block)
+    args = (l_MxNxVb, u_MxNxVb, B, idx_MxC, ls_MxC, us_MxC)
+    # All rows in one block: a plain vmap (lax.map would wrap it in a loop of one step).
+    R_MxCxk = jax.vmap(row)(args) if row_block >= M else jax.lax.map(row, args, batch_size=row_block)
     return idx_MxC.T, jnp.swapaxes(R_MxCxk, 0, 1)
+
+
+def point_stats(alphas_C, aff: AffineParts, ms: Measure, order: int):
+    """`affine_stats` for a few alphas: the same sums R, with the moment columns formed on the
+    fly from l and u instead of read from B.
+
+    At one alpha per call (the optimiser's pattern) e @ B is a matrix-vector product that
+    reads all of B, k columns per token and row; forming w, lam and their powers from l and u
+    reads two numbers per token instead (measured: 3x faster per evaluation at V = 50,257,
+    and no B to build).
+    """
+    l_MxV, u_MxV = aff.l, aff.u
+    M, V = l_MxV.shape
+    piece_CxM = jnp.sum(aff.breaks[None] <= alphas_C[:, None, None], axis=-1)
+    idx_CxM = jnp.take_along_axis(aff.verts, piece_CxM.T, axis=1).T
+    rows = jnp.arange(M)[None, :]
+    ls_CxM, us_CxM = l_MxV[rows, idx_CxM], u_MxV[rows, idx_CxM]
+    d_CxMxV = (l_MxV[None] - ls_CxM[..., None]) + alphas_C[:, None, None] * (u_MxV[None] - us_CxM[..., None])
+    skip = jnp.arange(V)[None, None, :] == idx_CxM[..., None]
+    e = jnp.where(skip, 0.0, jnp.exp(d_CxMxV))
+    w = u_MxV - aff.cu[:, None]
+    lam = l_MxV - aff.cl[:, None]
+    cols = [e.sum(-1)[..., None], (e * w).sum(-1)[..., None], (e * lam).sum(-1)[..., None], e @ ms.onehot_VxG]
+    if order >= 1:
+        ew = e * w
+        cols += [(ew * w).sum(-1)[..., None], (ew * lam).sum(-1)[..., None], ew @ ms.onehot_VxG]
+    if order >= 2:
+        eww = e * w * w
+        cols += [(eww * w).sum(-1)[..., None], (eww * lam).sum(-1)[..., None], eww @ ms.onehot_VxG]
+    return idx_CxM, jnp.concatenate(cols, axis=-1)
 
 
 def star_moments(alphas_C, idx_CxM, R_CxMxk, aff, ms, order: int):
@@ -304,12 +345,12 @@ def affine_quantities(alphas_C, idx_CxM, R_CxMxk, aff, ref, ms, order: int):
 
 
 @functools.lru_cache(maxsize=64)
-def affine_reference_fn(row_block: int):
+def affine_reference_fn(row_block: int, point: bool = False):
     """jit((parts, measure) -> AffineReference), by the same arithmetic as the sweep."""
 
     def reference(aff: AffineParts, ms: Measure):
         zero = jnp.zeros((1,), aff.l.dtype)
-        idx, R = affine_stats(zero, aff, row_block)
+        idx, R = point_stats(zero, aff, ms, 0) if point else affine_stats(zero, aff, row_block)
         m = star_moments(zero, idx, R, aff, ms, 0)
         logS0 = jnp.log(m["S0"][0])
         ls = m["ls"][0]
@@ -320,13 +361,14 @@ def affine_reference_fn(row_block: int):
 
 
 @functools.lru_cache(maxsize=64)
-def affine_chunk_fn(order: int, row_block: int):
-    """The affine kernel for a chunk of alphas: stats by one matrix product, then closed forms."""
+def affine_chunk_fn(order: int, row_block: int, names: tuple | None = None, point: bool = False):
+    """The affine kernel for a chunk of alphas: the moment sums (one matrix product, or formed
+    on the fly for `point` evaluations), then closed forms."""
 
     def chunk(alphas_C, aff: AffineParts, ref: AffineReference, ms: Measure):
         count_trace()
-        idx, R = affine_stats(alphas_C, aff, row_block)
-        return affine_quantities(alphas_C, idx, R, aff, ref, ms, order)
+        idx, R = point_stats(alphas_C, aff, ms, order) if point else affine_stats(alphas_C, aff, row_block)
+        return select(affine_quantities(alphas_C, idx, R, aff, ref, ms, order), names)
 
     return jax.jit(chunk)
 

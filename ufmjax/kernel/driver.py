@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ufmjax import steering
 from ufmjax.common import cast_floats
 from ufmjax.kernel import affine
-from ufmjax.kernel.measure import PREFIXES, Measure, Reference, make_measure, reference_fn
+from ufmjax.kernel.measure import PREFIXES, QUANTITIES, Measure, Reference, make_measure, reference_fn
 from ufmjax.kernel.taylor import jvp_chunk_fn, taylor_chunk_fn
 from ufmjax.steering import Steered
 
@@ -168,13 +168,22 @@ class Evaluator:
       reference: the alpha = 0 Reference to measure against (computed from `steered` if None;
         the per-context optimiser passes the unsteered model's own).
       alphas_per_call: the chunk length the caller will use (sizes the affine row blocks).
+      quantities: names of QUANTITIES to compute (all by default); the others are not
+        computed at all (the optimiser needs four of the seven).
     """
 
     def __init__(self, steered: Steered, measure: Measure, *, order: int = 2, method: str = "auto",
-                 dtype=jnp.float32, devices=None, reference: Reference | None = None, alphas_per_call: int = 1):
+                 dtype=jnp.float32, devices=None, reference: Reference | None = None, alphas_per_call: int = 1,
+                 quantities=None):
         self.dtype = check_dtype(dtype)
         self.order = check_order(order)
         self.fn = steered.fn
+        if quantities is not None:
+            unknown = sorted(set(quantities) - set(QUANTITIES))
+            if unknown:
+                raise ValueError(f"quantities must be names of {sorted(QUANTITIES)}, got {unknown}")
+            quantities = tuple(quantities)
+        self.quantities = quantities
         self.method = resolve_method(self.fn, method, measure.num_concepts)
         self.devices = list(jax.devices() if devices is None else devices)
         if not self.devices:
@@ -189,8 +198,10 @@ class Evaluator:
             M, V = measure.num_rows, int(measure.onehot_VxG.shape[0])
             per_device = max(1, -(-alphas_per_call // len(self.devices)))
             self.row_block = affine.affine_row_block(M, V, per_device)
-            self.parts = place(affine.affine_parts(self.fn, params, measure, self.order), replicated)
-            self.affine_reference = affine.affine_reference_fn(self.row_block)(self.parts, self.measure)
+            self.point = alphas_per_call <= affine.POINT_ALPHAS
+            self.parts = place(affine.affine_parts(self.fn, params, measure, self.order, moments=not self.point),
+                               replicated)
+            self.affine_reference = affine.affine_reference_fn(self.row_block, self.point)(self.parts, self.measure)
         else:
             self.params, self.reference = place((params, self.reference), replicated)
 
@@ -200,9 +211,9 @@ class Evaluator:
         if order > self.order:
             raise ValueError(f"this evaluator was compiled for {self.order} derivatives, not {order}")
         if self.method == "affine":
-            fn = affine.affine_chunk_fn(order, self.row_block)
+            fn = affine.affine_chunk_fn(order, self.row_block, self.quantities, self.point)
             return fn(alphas_C, self.parts, self.affine_reference, self.measure)
-        fn = (jvp_chunk_fn if self.method == "jvp" else taylor_chunk_fn)(self.fn, order)
+        fn = (jvp_chunk_fn if self.method == "jvp" else taylor_chunk_fn)(self.fn, order, self.quantities)
         return fn(alphas_C, self.params, self.reference, self.measure)
 
     def at(self, alphas, order: int | None = None) -> dict[str, np.ndarray]:

@@ -72,26 +72,34 @@ def taylor_quantities(jets, ref: Reference, ms: Measure):
     return tuple(out)
 
 
-def _vmapped(point):
+def select(trees, names):
+    """Keep only the quantities `names` (None: all) of each tree: inside jit, XLA then drops
+    the arithmetic of the others."""
+    if names is None:
+        return trees
+    return tuple({k: t[k] for k in names} for t in trees)
+
+
+def _vmapped(point, names):
     def chunk(alphas_C, params, ref, ms):
         count_trace()
-        return jax.vmap(point, in_axes=(0, None, None, None))(alphas_C, params, ref, ms)
+        return select(jax.vmap(point, in_axes=(0, None, None, None))(alphas_C, params, ref, ms), names)
 
     return jax.jit(chunk)
 
 
 @functools.lru_cache(maxsize=64)
-def taylor_chunk_fn(fn, order: int):
-    """jit(vmap(point)) for one closure: values and `order` derivatives in alpha."""
+def taylor_chunk_fn(fn, order: int, names: tuple | None = None):
+    """jit(vmap(point)) for one closure: values and `order` derivatives in alpha (of `names`)."""
 
     def point(alpha, params, ref, ms):
         return taylor_quantities(closure_jets(fn, params, alpha, order), ref, ms)
 
-    return _vmapped(point)
+    return _vmapped(point, names)
 
 
 @functools.lru_cache(maxsize=64)
-def jvp_chunk_fn(fn, order: int):
+def jvp_chunk_fn(fn, order: int, names: tuple | None = None):
     """The reference kernel: nested jax.jvp through the whole of `quantities`."""
 
     def point(alpha, params, ref, ms):
@@ -111,4 +119,4 @@ def jvp_chunk_fn(fn, order: int):
         (y, dy), (_, d2y) = jax.jvp(f_and_slope, (alpha,), (one,))
         return y, dy, d2y
 
-    return _vmapped(point)
+    return _vmapped(point, names)

@@ -27,9 +27,9 @@ under ONE budget on the weighted total sum_j w_j D_j(alpha_j) (so shared and per
 are compared on the same objective and the same budget); for `level`, every row must reach the
 level, each with its own smallest |alpha_j|.
 
-How. Every quantity comes from the kernel's public point evaluator (`ufmjax.kernel.Evaluator`:
-the affine path for the UFM, forward mode through the model otherwise), so the optimiser
-measures exactly what `ufmjax sweep` reports; per context, row j's derivative in its
+How. Every quantity comes from the kernel's public point evaluator (`ufmjax.kernel.Evaluator`,
+forward mode through the model; the affine path on request, `Problem(method="affine")`), so
+the optimiser measures exactly what `ufmjax sweep` reports; per context, row j's derivative in its
 own alpha_j comes from the same kernel applied to `alpha_M + t` at t = 0 (rows are independent).
 Constraints are handled by an augmented Lagrangian (method of multipliers); the level
 constraint is written in logits, logit(F) >= logit(level), which is well scaled where F
@@ -41,8 +41,8 @@ saturates (d logit F / d alpha = mu_T - mu_notT, Thm 3.6). Inner problems are so
   - "lbfgs" (zoom line search), "adam" (fixed lr) and "gd" (fixed step 1 / the largest
     curvature met on the start bracket): optax on reverse-mode gradients through the model.
 A closed-form start (the quadratic law near 0: D ≈ D'(0) alpha + c alpha^2 / 2, with c the
-Fisher curvature along the steering direction from one jvp, = sum_j pi_j Var_j(M) for the UFM,
-Thm 3.8) and a coarse geometric bracket around it (both signs) choose where to start, so a
+Fisher curvature along the steering direction, KL''(0) from the kernel at alpha = 0, equal to
+sum_j pi_j Var_j(M) for the UFM, Thm 3.8) and a coarse geometric bracket around it (both signs) choose where to start, so a
 multi-modal or plateauing landscape (GPTs: ΔCE flattens at large |alpha|, Prop. 4.1) is met
 honestly: iterates that run to |alpha| = alpha_max, or a stationary point without curvature
 (a plateau), are reported as `converged=False` with a message, never as an optimum.

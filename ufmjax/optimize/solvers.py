@@ -352,7 +352,7 @@ def closed_form_start(problem: Problem, objective: Objective) -> tuple[float, fl
     """A first alpha from the quadratic law near 0, and the curvature c it used.
 
     D(alpha) ≈ D'(0) alpha + c alpha^2 / 2 with c = sum_j w_j Var_{p_0}(d logits_j / d alpha)
-    (the Fisher curvature from one jvp; sum_j pi_j Var_j(M) for the UFM, Thm 3.8), and
+    (the Fisher curvature KL''(0) from the kernel; sum_j pi_j Var_j(M) for the UFM, Thm 3.8), and
     dp(alpha) ≈ dp'(0) alpha. Budget: the root of D = budget on the side where the objective
     grows; penalised: the maximiser of the quadratic model; level: the linear-model crossing.
     """
