@@ -1,0 +1,33 @@
+"""Run folders of trained models: train, load, steer, sweep, save.
+
+- `io`: atomic writes, the JSON rule, Orbax checkpoints with SHA-256 manifests;
+- `train`: the one optax loop for every model (exact resume);
+- `folders`: opening a run folder for a configuration, sweep files;
+- `steer`: `Steering`, what `run.steer(...)` returns for every run type;
+- `ufm`, `gpt`: UFM and GPT runs (train, load, steer, sweep);
+- `load`: `load_run`, dispatching on the model a run's config names.
+
+Submodules import their siblings by module path, so there is no import circle; this file
+only re-exports, lazily.
+"""
+
+import importlib
+
+# public name -> submodule; loaded on first use, so `from ufmjax.runs import io` (atomic
+# writes, numpy only) does not import JAX, Flax and Orbax.
+_EXPORTS = {
+    "load_sweep": "folders", "open_run": "folders", "save_sweep": "folders", "versions": "folders",
+    "GPTRun": "gpt", "gpt_sweep": "gpt", "load_gpt_run": "gpt", "scaled_sweep": "gpt", "text_run": "gpt",
+    "train_gpt_run": "gpt", "CheckpointError": "io", "RunError": "io", "load_run": "load", "Steering": "steer",
+    "TrainConfig": "train", "UFMRun": "ufm", "load_ufm_run": "ufm", "train_ufm_run": "ufm",
+    "ufm_sweep": "ufm",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ufmjax.runs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"ufmjax.runs.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
