@@ -392,7 +392,8 @@ def _start(s: _Solver, alpha0: float):
         return max(pts, key=lambda p: p.f)
     feas = [p for p in pts if p.g[0] <= 0]
     if o.kind == "budget":
-        # alpha = 0 is always feasible for KL; for CE it is unless ΔCE'(0) is large.
+        # alpha = 0 is among the points and feasible (D(0) = 0 < budget); the fallback only
+        # guards against rounding.
         if not feas:
             return min(pts, key=lambda p: p.g[0])
         return max(feas, key=lambda p: p.f)
