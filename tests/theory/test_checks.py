@@ -1,7 +1,6 @@
 """ufmjax.theory.checks: bad input raises ValueError naming the parameter.
 
-Every test asserts an identity of the paper on numbers: a failure means a closed form
-(or its numerically stable evaluation) is wrong, not merely a shape.
+A failure means a bad argument got through, or its message no longer names the parameter.
 """
 
 from __future__ import annotations
