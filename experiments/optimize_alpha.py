@@ -286,10 +286,12 @@ def study(label, run, args, out, window, wide):
     from ufmjax import optimize as opt
     import jax.numpy as jnp
 
+    from ufmjax.runs import versions
+
     with jax.enable_x64(True):
         st = run.steer(args.target, dtype=jnp.float64)
         problem = st.problem()
-        meta = dict(st.meta)
+        meta = {**st.meta, "dtype": "float64", "versions": versions()}
         if "context_concept" in st.arrays:
             meta["context_concept"] = st.arrays["context_concept"][problem.contexts].tolist()
         objectives = {"penalised": opt.Objective("penalised", lam=args.lam),

@@ -40,7 +40,8 @@ _EXPORTS = {
     "reproduce": "ufmjax.report",
 }
 # `optimize` is a subpackage whose module is callable: `uj.optimize(problem, objective)`.
-_SUBPACKAGES = ("analysis", "data", "kernel", "models", "optimize", "report", "runs", "theory")
+_SUBPACKAGES = ("analysis", "common", "data", "kernel", "models", "optimize", "report", "runs", "steering",
+                "theory")
 
 __all__ = sorted(_EXPORTS) + list(_SUBPACKAGES)
 

@@ -245,3 +245,17 @@ def test_bad_kernel_arguments():
     with pytest.raises(ValueError, match="alphas"):
         sweep_mod.parse_alphas("1:0:5")
     np.testing.assert_allclose(sweep_mod.parse_alphas("-2:2:5"), [-2, -1, 0, 1, 2])
+
+
+def test_a_measure_of_another_dtype_is_refused(x64):
+    """A Measure is built in one dtype: a sweep in another names it instead of silently
+    rounding the CE targets and weights (or promoting everything)."""
+    steered = linear_steered(np.zeros((2, 5)), np.arange(5.0))
+    m32 = sweep_mod.make_measure(steered, concept_of=np.arange(5) % 2)
+    with pytest.raises(ValueError, match="measure was built in float32"):
+        sweep(steered, [0.0, 1.0], measure=m32, dtype=jnp.float64)
+    m64 = sweep_mod.make_measure(steered, concept_of=np.arange(5) % 2, dtype=jnp.float64)
+    with pytest.raises(ValueError, match="measure"):
+        sweep(steered, [0.0, 1.0], measure=m64)
+    out = sweep(steered, [0.0, 1.0], measure=m64, dtype=jnp.float64)
+    assert out["delta_ce"].dtype == np.float64 and out["delta_ce"][0] == 0.0

@@ -1,4 +1,4 @@
-"""Figures of the paper (ufmjax.plots, ufmjax.figures): valid PNGs, atomic saves, and the
+"""Figures of the paper (ufmjax.report.plots, ufmjax.report.figures): valid PNGs, atomic saves, and the
 numbers each figure checks are those of a correct model.
 
 The model is an exactly trained UFM built in memory (W = I, H = log p^T, so softmax(W h_j)

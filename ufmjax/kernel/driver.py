@@ -191,6 +191,9 @@ class Evaluator:
         mesh = Mesh(np.asarray(self.devices), ("alpha",))
         self.alpha_sharding = NamedSharding(mesh, PartitionSpec("alpha"))
         replicated = NamedSharding(mesh, PartitionSpec())
+        if jnp.dtype(measure.onehot_VxG.dtype) != self.dtype:
+            raise ValueError(f"measure was built in {jnp.dtype(measure.onehot_VxG.dtype)} but the evaluation runs in "
+                             f"{self.dtype}: build it with make_measure(..., dtype={self.dtype})")
         params = cast_floats(steered.params, self.dtype)
         self.reference = reference_fn(self.fn)(params, measure) if reference is None else reference
         self.measure = place(measure, replicated)

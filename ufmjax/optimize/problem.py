@@ -3,7 +3,8 @@ and the `Result` of a solve.
 
 Shape legend: A = alphas evaluated together, M = rows of the steered model, V = vocabulary,
 G = concepts, E = evaluation rows. Every quantity comes from the kernel's public `Evaluator`
-(the affine path for the UFM), so the optimiser measures exactly what `ufmjax sweep` reports.
+(the taylor path by default; see `Problem`'s `method`), so the optimiser measures exactly what
+`ufmjax sweep` reports.
 """
 
 from __future__ import annotations

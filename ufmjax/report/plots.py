@@ -2,7 +2,7 @@
 
 Source: Taimeskhanov, Vaiter, Garreau, "Towards Understanding Steering Strength"
 (arXiv 2602.02712). Each `fig_*` function takes a sweep result dict (the output of
-`ufmjax.sweep.sweep` / `ufmjax.runs.ufm_sweep`) and the theory arrays it is compared with
+`ufmjax.kernel.sweep` / `ufmjax.runs.ufm_sweep`) and the theory arrays it is compared with
 (`ufmjax.theory`), and returns `(figure, numbers)`: a matplotlib Figure and a dict of plain
 floats/ints/bools that say whether the sweep agrees with the theory. Plotting never changes
 the numbers; the `check_*` functions compute them without matplotlib.

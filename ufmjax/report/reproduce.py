@@ -22,7 +22,7 @@ from ufmjax.analysis import find_peaks
 from ufmjax.common import log_softmax64
 from ufmjax.data import dirichlet_config, reference_config
 from ufmjax.kernel import sweep
-from ufmjax.models.gpt import steered_logits_full
+from ufmjax.models.gpt import steered_closure, steered_logits_full
 from ufmjax.optimize import Objective, bisect_budget, grid_search, optimize
 from ufmjax.report.figures import check_summary, ufm_figures
 from ufmjax.report.gpt_figures import fig_a4
@@ -257,8 +257,8 @@ def _gpt_sweep_laws(sec: Section, run, layer: int, target, name: str, quick: boo
     gap = 0.0
     for positions in ("all", "last"):
         st = run.steer(target, layer=layer, positions=positions)
-        t, prompts = st.target, st.arrays["prompts"]
-        fn, params = st.steered
+        t, prompts = st.target, st.arrays["prompts"][:16]
+        fn, params = steered_closure(run.model, prompts, st.vector, layer, positions)
         cached = np.stack([np.asarray(fn(params, jnp.float32(a))) for a in probe])
         full = np.asarray(steered_logits_full(run.model, prompts, st.vector, layer, probe, positions))[:, :, -1]
         gap = max(gap, float(np.abs(cached - full).max()))

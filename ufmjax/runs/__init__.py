@@ -22,10 +22,13 @@ _EXPORTS = {
     "TrainConfig": "train", "UFMRun": "ufm", "load_ufm_run": "ufm", "train_ufm_run": "ufm",
     "ufm_sweep": "ufm",
 }
+_SUBMODULES = ("folders", "gpt", "io", "load", "progress", "steer", "train", "ufm")
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"ufmjax.runs.{name}")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'ufmjax.runs' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"ufmjax.runs.{_EXPORTS[name]}"), name)

@@ -62,7 +62,11 @@ class Steering:
                             weights=self.weights, tokens=tokens, dtype=self.dtype)
 
     def top_tokens(self, alphas, k: int) -> np.ndarray:
-        """The k most likely tokens (mean over rows) at the grid's largest |alpha| (Fig. 6)."""
+        """The k most likely tokens (mean over rows) at the grid's largest |alpha| (Fig. 6).
+
+        `gpt_sweep(top_k=...)` (and so `ufmjax sweep` on a GPT run) takes them at the largest
+        positive alpha instead; on a symmetric grid the two ends differ.
+        """
         return top_tokens(self.steered, alphas, k)
 
     def sweep(self, alphas, *, tokens=None, derivatives: int = 2, chunk_size: int | None = None,
@@ -75,6 +79,7 @@ class Steering:
         return out
 
     def problem(self, *, contexts=None, method: str = "auto") -> Problem:
-        """The optimisation problem of these rows toward the target (`ufmjax.optimize`)."""
+        """The optimisation problem of these rows toward the target (`ufmjax.optimize`), in this
+        steering's dtype (steer with dtype=jnp.float64, inside jax.enable_x64, for float64)."""
         return Problem(self.steered, concept_of=self.concept_of, target=self.target, ce_target=self.ce_target,
                        weights=self.weights, contexts=contexts, dtype=jnp.dtype(self.dtype), method=method)
