@@ -21,7 +21,7 @@ from ufmjax.kernel import parse_alphas
 from ufmjax.optimize import Objective, optimize
 from ufmjax.report import reproduce
 from ufmjax.runs import gpt as gpt_runs
-from ufmjax.runs import io, load_run, save_sweep, train_ufm_run, versions
+from ufmjax.runs import io, load_run, save_sweep, train_ufm_run, ufm_sweep, versions
 from ufmjax.runs.train import TrainConfig
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
@@ -187,18 +187,13 @@ def cmd_sweep(args) -> int:
             raise ValueError(f"out must be a .npz file, got {args.out!r}")
         dtype = jnp.float64 if args.float64 else jnp.float32
         run = load_run(args.run)
+        kw = dict(target=args.target, negatives=args.negatives, top_k=args.top_k, chunk_size=args.chunk_size,
+                  dtype=dtype, **_steer_kwargs(args))
         if isinstance(run, gpt_runs.GPTRun):
-            arrays, meta = gpt_runs.gpt_sweep(
-                run, alphas, target=args.target, negatives=args.negatives, top_k=args.top_k,
-                chunk_size=args.chunk_size, dtype=dtype, limits=True, local_ufm=True, text_ce=True, presence=True,
-                **{k: v for k, v in _steer_kwargs(args).items() if k != "positions"},
-                positions=args.positions or "all")
+            arrays, meta = gpt_runs.gpt_sweep(run, alphas, limits=True, local_ufm=True, text_ce=True, presence=True,
+                                              **kw)
         else:
-            st = run.steer(args.target, args.negatives, dtype=dtype, **_steer_kwargs(args))
-            tokens = None if args.top_k is None else st.top_tokens(alphas, args.top_k)
-            arrays = st.sweep(alphas, tokens=tokens, chunk_size=args.chunk_size)
-            arrays.update(st.arrays)
-            meta = {**st.meta, "dtype": str(jnp.dtype(dtype)), "derivatives": 2, "versions": versions()}
+            arrays, meta = ufm_sweep(run, alphas, **kw)
         save_sweep(args.out, arrays, meta)
     print(f"wrote {args.out}: {arrays['alphas'].size} alphas x {arrays['probs_base'].shape[0]} contexts, "
           f"max delta_ce={arrays['delta_ce'].max():.4g}")

@@ -255,9 +255,9 @@ def _gpt_sweep_laws(sec: Section, run, layer: int, target, name: str, quick: boo
     plateau and Prop. 4.1's limit. Returns (arrays, summary)."""
     probe = np.asarray([-30.0, -1.0, 0.0, 0.5, 8.0])
     gap = 0.0
+    st = run.steer(target, layer=layer)
+    t, prompts = st.target, st.arrays["prompts"][:16]
     for positions in ("all", "last"):
-        st = run.steer(target, layer=layer, positions=positions)
-        t, prompts = st.target, st.arrays["prompts"][:16]
         fn, params = steered_closure(run.model, prompts, st.vector, layer, positions)
         cached = np.stack([np.asarray(fn(params, jnp.float32(a))) for a in probe])
         full = np.asarray(steered_logits_full(run.model, prompts, st.vector, layer, probe, positions))[:, :, -1]

@@ -361,7 +361,7 @@ def sweep_rows(run: GPTRun) -> SweepRows:
 
 
 def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", negative_concept=None,
-              q: int | None = None, seed: int = 0, layer: int | None = None, positions: str = "all",
+              q: int | None = None, seed: int = 0, layer: int | None = None, positions: str | None = "all",
               ce_against: str = "data", top_k: int | None = None, derivatives: int = 2,
               chunk_size: int | None = None, dtype=jnp.float32, limits: bool = False, local_ufm: bool = False,
               text_ce: bool = False, presence: bool = False) -> tuple[dict[str, np.ndarray], dict]:

@@ -115,14 +115,16 @@ def load_ufm_run(run_dir) -> UFMRun:
 def ufm_sweep(run: UFMRun, alphas, *, target: int, negatives: str = "contrastive",
               negative_concept: int | None = None, q: int | None = None, seed: int = 0,
               ce_against: str = "data", top_k: int | None = None, derivatives: int = 2,
-              chunk_size: int | None = None, dtype=jnp.float32) -> tuple[dict[str, np.ndarray], dict]:
+              chunk_size: int | None = None, dtype=jnp.float32, layer=None,
+              positions: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Steer a trained UFM toward `target` and sweep it. Returns (arrays, meta).
 
     `ce_against`: "data" measures cross-entropy against the true table p(z|c_j) with the
     context probabilities pi; "model" against the model's own unsteered distribution.
+    `layer` and `positions` are refused as `UFMRun.steer` refuses them (GPT options).
     """
     st = run.steer(target, negatives, negative_concept=negative_concept, q=q, seed=seed, ce_against=ce_against,
-                   dtype=dtype)
+                   layer=layer, positions=positions, dtype=dtype)
     tokens = None if top_k is None else st.top_tokens(alphas, top_k)
     arrays = st.sweep(alphas, tokens=tokens, derivatives=derivatives, chunk_size=chunk_size)
     arrays.update(st.arrays)
