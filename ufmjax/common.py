@@ -14,13 +14,22 @@ import numpy as np
 
 
 def cast_floats(tree, dtype):
-    """Every floating leaf of `tree` as a jax array of `dtype`; integer leaves unchanged."""
+    """Every floating leaf of `tree` as a jax array of `dtype`; integer leaves unchanged.
+
+    16-bit leaves (a bfloat16 or float16 checkpoint's weights) are kept as they are when
+    `dtype` is wider: they are how the weights are stored, and the model computes in `dtype`
+    by promotion, so a float32 sweep of a bfloat16 model does not double its memory.
+    """
     import jax
     import jax.numpy as jnp
 
+    wide = jnp.dtype(dtype).itemsize > 2
+
     def one(x):
         x = jnp.asarray(x)
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        if not jnp.issubdtype(x.dtype, jnp.floating) or (wide and x.dtype.itemsize == 2):
+            return x
+        return x.astype(dtype)
 
     return jax.tree.map(one, tree)
 

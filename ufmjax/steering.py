@@ -78,6 +78,23 @@ def diagonal_rowwise(fn):
     return rowwise
 
 
+def residual_rowwise(fn):
+    """One-pass per-row alphas for a transformer closure that steers a cached residual.
+
+    Such a closure (the GPT's, a pretrained model's) adds `alpha * params["steer"]` to the
+    residual it caches (`h` [B, T, D] for all positions, `x` [B, D] for the last one) and has
+    one row per prompt; scaling the vector per prompt and calling it at alpha = 1 steers
+    prompt j by alpha_M[j] in one model evaluation instead of B.
+    """
+
+    def rowwise(params, alpha_M):
+        lead = params["h"] if "h" in params else params["x"]
+        scale = alpha_M.reshape((-1,) + (1,) * (lead.ndim - 1))
+        return fn({**params, "steer": scale * params["steer"]}, jnp.ones((), alpha_M.dtype))
+
+    return rowwise
+
+
 def rowwise_of(fn) -> tuple[Callable, bool]:
     """(rowwise closure, whether it is one pass) for a steered closure fn."""
     if fn in _ROWWISE:

@@ -143,6 +143,34 @@ def place(tree, sharding):
     return jax.tree.map(one, tree)
 
 
+def model_mesh(tree):
+    """The mesh of a model sharded over a "model" axis (`models.hf.shard`), found on the
+    tree's leaves, or None. Such a mesh must also have an "alpha" axis: the sweep shards
+    alphas over it and leaves the model's own sharding in place."""
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and "model" in sharding.mesh.axis_names:
+            if "alpha" not in sharding.mesh.axis_names:
+                raise ValueError("a model mesh needs an 'alpha' axis beside its 'model' axis")
+            return sharding.mesh
+    return None
+
+
+def place_keeping(tree, mesh, replicated):
+    """`place(tree, replicated)`, except leaves already laid out on `mesh` (a sharded model's
+    weights), which stay where they are instead of being gathered onto every device."""
+    if mesh is None:
+        return place(tree, replicated)
+
+    def one(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return place(x, replicated)
+
+    return jax.tree.map(one, tree)
+
+
 def to_host(value) -> np.ndarray:
     """A kernel result as numpy, gathered from every process when it spans several hosts."""
     if getattr(value, "is_fully_addressable", True):
@@ -185,10 +213,15 @@ class Evaluator:
             quantities = tuple(quantities)
         self.quantities = quantities
         self.method = resolve_method(self.fn, method, measure.num_concepts)
-        self.devices = list(jax.devices() if devices is None else devices)
-        if not self.devices:
-            raise ValueError("devices must name at least one device")
-        mesh = Mesh(np.asarray(self.devices), ("alpha",))
+        self.model_mesh = model_mesh(steered.params)
+        if self.model_mesh is not None:  # the model is sharded: its mesh carries the alphas too
+            mesh = self.model_mesh
+            self.devices = list(mesh.devices.flat)
+        else:
+            self.devices = list(jax.devices() if devices is None else devices)
+            if not self.devices:
+                raise ValueError("devices must name at least one device")
+            mesh = Mesh(np.asarray(self.devices), ("alpha",))
         self.alpha_sharding = NamedSharding(mesh, PartitionSpec("alpha"))
         replicated = NamedSharding(mesh, PartitionSpec())
         if jnp.dtype(measure.onehot_VxG.dtype) != self.dtype:
@@ -199,14 +232,15 @@ class Evaluator:
         self.measure = place(measure, replicated)
         if self.method == "affine":
             M, V = measure.num_rows, int(measure.onehot_VxG.shape[0])
-            per_device = max(1, -(-alphas_per_call // len(self.devices)))
+            per_device = max(1, -(-alphas_per_call // mesh.shape["alpha"]))
             self.row_block = affine.affine_row_block(M, V, per_device)
             self.point = alphas_per_call <= affine.POINT_ALPHAS
             self.parts = place(affine.affine_parts(self.fn, params, measure, self.order, moments=not self.point),
                                replicated)
             self.affine_reference = affine.affine_reference_fn(self.row_block, self.point)(self.parts, self.measure)
         else:
-            self.params, self.reference = place((params, self.reference), replicated)
+            self.params = place_keeping(params, self.model_mesh, replicated)
+            self.reference = place(self.reference, replicated)
 
     def chunk(self, alphas_C, order: int | None = None):
         """Device results for a chunk of alphas (placed by the caller): one dict per order."""
@@ -271,10 +305,14 @@ def plan_sweep(steered: Steered, alphas, measure: Measure, *, derivatives: int, 
     alphas = check_alphas(alphas)
     order = check_order(derivatives)
     method = resolve_method(steered.fn, method, measure.num_concepts)
-    devices = tuple(jax.devices() if devices is None else devices)
-    if not devices:
-        raise ValueError("devices must name at least one device")
-    n_dev = len(devices)
+    mesh = model_mesh(steered.params)
+    if mesh is not None:  # a sharded model: alphas go over its mesh's "alpha" axis
+        devices, n_dev = tuple(mesh.devices.flat), mesh.shape["alpha"]
+    else:
+        devices = tuple(jax.devices() if devices is None else devices)
+        if not devices:
+            raise ValueError("devices must name at least one device")
+        n_dev = len(devices)
     if chunk_size is None:
         M, V = measure.num_rows, int(measure.onehot_VxG.shape[0])
         if method == "affine":

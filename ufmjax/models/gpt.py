@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from ufmjax.common import cast_floats
-from ufmjax.steering import Steered, register_rowwise
+from ufmjax.steering import Steered, register_rowwise, residual_rowwise
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("all", "last")
@@ -379,24 +379,8 @@ def _steered_fn(graphdef, layer: int, positions: str, rows: str):
 
     fn.__qualname__ = f"gpt_steered[layer={layer},positions={positions},rows={rows}]"
     if rows == "last":  # one row per prompt: a per-row alpha is a per-prompt alpha
-        register_rowwise(fn, _gpt_rowwise(fn))
+        register_rowwise(fn, residual_rowwise(fn))
     return fn
-
-
-def _gpt_rowwise(fn):
-    """One-pass per-prompt alphas for a steered GPT closure (rows = prompts).
-
-    The closure adds `alpha * params["steer"]` to the cached residual (`h` [B, T, D], or `x`
-    [B, D] for last-position steering); scaling the steering vector per prompt and calling it
-    at alpha = 1 steers prompt j by alpha_j in one model evaluation instead of B.
-    """
-
-    def rowwise(params, alpha_M):
-        lead = params["h"] if "h" in params else params["x"]
-        scale = alpha_M.reshape((-1,) + (1,) * (lead.ndim - 1))
-        return fn({**params, "steer": scale * params["steer"]}, jnp.ones((), alpha_M.dtype))
-
-    return rowwise
 
 
 def steered_closure(model: GPT, prompts_BxT, v_D, layer: int, positions: str = "all",
