@@ -20,7 +20,9 @@ from ufmjax.data import DataConfig, TextConfig
 from ufmjax.kernel import parse_alphas
 from ufmjax.optimize import Objective, optimize
 from ufmjax.report import reproduce
+from ufmjax.data.concept_tokens import CONCEPT_NAMES
 from ufmjax.runs import gpt as gpt_runs
+from ufmjax.runs import hf as hf_runs
 from ufmjax.runs import io, load_run, save_sweep, train_ufm_run, ufm_sweep, versions
 from ufmjax.runs.train import TrainConfig
 
@@ -162,11 +164,36 @@ def _add_steering_args(p) -> None:
     p.add_argument("--positions", choices=["all", "last"], default=None, help="GPT: positions steered (all)")
 
 
+def _add_hf_args(p) -> None:
+    """The options of a pretrained model read from a Hugging Face folder (`--hf DIR`)."""
+    g = p.add_argument_group("pretrained model (--hf)")
+    g.add_argument("--hf", default=None, metavar="DIR",
+                   help="a local Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
+    g.add_argument("--concept", default=None, choices=CONCEPT_NAMES,
+                   help="a shipped concept: its positive/negative prompts, evaluation prompts and token set")
+    g.add_argument("--positive", default=None, metavar="FILE", help="positive steering prompts (lines or JSONL)")
+    g.add_argument("--negative", default=None, metavar="FILE", help="negative steering prompts (lines or JSONL)")
+    g.add_argument("--prompts", default=None, metavar="FILE", help="evaluation prompts (lines or JSONL)")
+    g.add_argument("--concept-words", default=None, metavar="FILE", help="the concept as a word list")
+    g.add_argument("--concept-regex", default=None, metavar="RE",
+                   help="the concept as a regular expression over decoded tokens (full match, stripped)")
+    g.add_argument("--ce-text", default=None, metavar="FILE",
+                   help="held-out text for Delta CE with every position steered (default: shipped prose)")
+    g.add_argument("--vector", default=None, metavar="FILE", help="a steering vector (.npy or .safetensors)")
+    g.add_argument("--weights-dtype", default=None, choices=["float32", "float16", "bfloat16", "float64"],
+                   help="cast the weights on loading (default: keep the checkpoint's dtype)")
+    g.add_argument("--model-devices", type=int, default=None,
+                   help="shard the weights over this many devices (a 'model' mesh axis; default: one device)")
+
+
 def _add_sweep(sub) -> None:
-    p = sub.add_parser("sweep", help="sweep a trained run over an alpha grid into an .npz")
-    p.add_argument("run", help="run folder")
-    p.add_argument("--target", type=int, required=True, help="target concept index")
+    p = sub.add_parser("sweep", help="sweep a trained run or a pretrained model over an alpha grid into an .npz")
+    p.add_argument("run", nargs="?", default=None, help="run folder (or --hf DIR)")
+    p.add_argument("--target", type=int, default=None, help="target concept index (runs)")
     _add_steering_args(p)
+    _add_hf_args(p)
+    p.add_argument("--top-k-at", choices=["max", "min"], default="max",
+                   help="--hf: take the top-k tokens at the grid's largest (max) or smallest alpha")
     p.add_argument("--alphas", default="-20:20:401", help="START:STOP:NUM (default -20:20:401)")
     p.add_argument("--top-k", type=int, default=None, help="track only the k most likely tokens at max |alpha|")
     p.add_argument("--chunk-size", type=int, default=None, help="alphas per compiled call")
@@ -179,13 +206,63 @@ def _steer_kwargs(args) -> dict:
             "ce_against": args.ce_against, "layer": args.layer, "positions": args.positions}
 
 
+def _source(args) -> None:
+    """Exactly one of a run folder and --hf; the run options only with a run."""
+    if (args.run is None) == (args.hf is None):
+        raise ValueError("give a run folder or --hf DIR (exactly one)")
+    if args.hf is None:
+        if getattr(args, "target", None) is None:
+            raise ValueError("--target is required with a run folder")
+        given = [o for o in HF_ONLY if getattr(args, o.lstrip("-").replace("-", "_"), None) is not None]
+        if given:
+            raise ValueError(f"{given[0]} applies to --hf models only")
+
+
+HF_ONLY = ("--concept", "--positive", "--negative", "--prompts", "--concept-words", "--concept-regex",
+           "--ce-text", "--vector", "--weights-dtype", "--model-devices")
+
+
+def _hf_steering(args, dtype):
+    """(HFRun, Steering, Inputs) of `--hf DIR` and its input files; every file is read and
+    checked before the model is loaded."""
+    if args.target is not None:
+        raise ValueError("--target applies to run folders; give the concept of an --hf model with "
+                         "--concept, --concept-words or --concept-regex")
+    inputs = hf_runs.read_inputs(concept=args.concept, positive=args.positive, negative=args.negative,
+                                 prompts=args.prompts, concept_words=args.concept_words,
+                                 concept_regex=args.concept_regex, ce_text=args.ce_text, vector=args.vector)
+    put = None
+    if args.model_devices is not None:
+        from ufmjax.models.hf.shard import model_mesh, sharded_put
+
+        put = sharded_put(model_mesh(args.model_devices))
+    run = hf_runs.load_hf(args.hf, args.weights_dtype, put)
+    st = hf_runs.steer_inputs(run, inputs, layer=args.layer, positions=args.positions or "all", dtype=dtype)
+    return run, st, inputs
+
+
+def _sweep_hf(args, alphas, dtype):
+    run, st, inputs = _hf_steering(args, dtype)
+    ce_text = inputs.ce_text if inputs.ce_text is not None else hf_runs.default_ce_text()
+    return hf_runs.hf_sweep(run, st, alphas, top_k=args.top_k, top_k_at=args.top_k_at, chunk_size=args.chunk_size,
+                            ce_text=ce_text)
+
+
 def cmd_sweep(args) -> int:
     # A scoped switch, not a global one: the CLI is also called in-process (tests, notebooks).
     with jax.enable_x64(True) if args.float64 else contextlib.nullcontext():
+        _source(args)
         alphas = parse_alphas(args.alphas)
         if not args.out.endswith(".npz"):
             raise ValueError(f"out must be a .npz file, got {args.out!r}")
         dtype = jnp.float64 if args.float64 else jnp.float32
+        if args.hf is not None:
+            arrays, meta = _sweep_hf(args, alphas, dtype)
+            save_sweep(args.out, arrays, meta)
+            print(f"wrote {args.out}: {arrays['alphas'].size} alphas x {arrays['probs_base'].shape[0]} prompts "
+                  f"({meta['model_type']}, layer {meta['layer']}/{meta['layers']}), "
+                  f"max delta_ce={arrays['delta_ce'].max():.4g}")
+            return 0
         run = load_run(args.run)
         kw = dict(target=args.target, negatives=args.negatives, top_k=args.top_k, chunk_size=args.chunk_size,
                   dtype=dtype, **_steer_kwargs(args))
@@ -205,7 +282,7 @@ def cmd_sweep(args) -> int:
 def _add_optimize(sub) -> None:
     p = sub.add_parser("optimize", help="solve for the best steering strength alpha (penalised, budgeted or "
                                       "target level) by gradients")
-    p.add_argument("run", help="run folder (UFM or GPT)")
+    p.add_argument("run", nargs="?", default=None, help="run folder (UFM or GPT), or --hf DIR")
     p.add_argument("--objective", choices=["penalised", "budget", "level"], default="penalised",
                    help="penalised: max dp - lam*D; budget: max dp - lam*D s.t. D <= budget; "
                         "level: min |alpha| s.t. target-concept probability >= level")
@@ -215,8 +292,8 @@ def _add_optimize(sub) -> None:
     p.add_argument("--metric", choices=["ce", "kl"], default="ce",
                    help="distortion D: ΔCE (Def. 3.7) or mean KL to the unsteered model")
     p.add_argument("--per-context", action="store_true", help="one alpha per evaluation context (a vector)")
-    p.add_argument("--target", required=True,
-                   help="target concept index (text GPT runs: also a class name, e.g. uppercase)")
+    p.add_argument("--target", default=None,
+                   help="target concept index (text GPT runs: also a class name, e.g. uppercase); runs only")
     p.add_argument("--contexts", default=None,
                    help="evaluation contexts: comma-separated row indices (default: all rows)")
     _add_steering_args(p)
@@ -227,6 +304,7 @@ def _add_optimize(sub) -> None:
     p.add_argument("--alpha-max", type=float, default=1e3, help="largest |alpha| searched (default 1000)")
     p.add_argument("--lr", type=float, default=None, help="adam / gd learning rate")
     p.add_argument("--float32", action="store_true", help="compute in float32 (default float64)")
+    _add_hf_args(p)
     p.add_argument("--out", required=True, help="JSON file to write")
 
 
@@ -247,7 +325,11 @@ def cmd_optimize(args) -> int:
         objective = Objective(args.objective, lam=args.lam, budget=args.budget, level=args.level,
                               metric=args.metric)
         dtype = jnp.float32 if args.float32 else jnp.float64
-        st = load_run(args.run).steer(args.target, args.negatives, dtype=dtype, **_steer_kwargs(args))
+        _source(args)
+        if args.hf is not None:
+            st = _hf_steering(args, dtype)[1]
+        else:
+            st = load_run(args.run).steer(args.target, args.negatives, dtype=dtype, **_steer_kwargs(args))
         problem = st.problem(contexts=_contexts(args.contexts))
         result = optimize(problem, objective, per_context=args.per_context, method=args.method, tol=args.tol,
                           max_iter=args.max_iter, alpha_max=args.alpha_max, lr=args.lr)
@@ -272,19 +354,62 @@ def cmd_optimize(args) -> int:
 def _add_reproduce(sub) -> None:
     p = sub.add_parser("reproduce", help="train, sweep, check every law of the theory, optimise alpha; "
                                          "write figures and report.md")
-    p.add_argument("--out", default="results/reproduce", help="folder for runs, figures and report.md")
+    p.add_argument("--out", default=None,
+                   help="folder for runs, figures and report.md (default results/reproduce, "
+                        "with --hf results/reproduce_hf)")
     p.add_argument("--quick", action="store_true", help="small version (under 2 minutes)")
     p.add_argument("--force", action="store_true", help="retrain instead of reusing finished runs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--layers", default=None,
+                   help="--hf: comma-separated layers (default early, middle, last: max(1, L//4), ceil(L/2), L)")
+    _add_hf_args(p)
+
+
+def _layers(text):
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers must be comma-separated integers, got {text!r}") from None
 
 
 def cmd_reproduce(args) -> int:
-    summary = reproduce(args.out, quick=args.quick, force=args.force, progress=not args.quiet)
+    if args.hf is None:
+        given = [o for o in HF_ONLY + ("--layers",) if getattr(args, o.lstrip("-").replace("-", "_"), None) is not None]
+        if given:
+            raise ValueError(f"{given[0]} applies to reproduce --hf only")
+    else:
+        return _reproduce_hf(args)
+    summary = reproduce(args.out or "results/reproduce", quick=args.quick, force=args.force, progress=not args.quiet)
     print(f"{summary['passed']}/{summary['total']} laws pass in {summary['seconds']:.0f} s; "
           f"report: {args.out}/report.md")
     if summary["failed_sections"]:
         print(f"sections that failed to run: {', '.join(summary['failed_sections'])}")
     return 0 if summary["all_passed"] else 1
+
+
+def _reproduce_hf(args) -> int:
+    """`ufmjax reproduce --hf DIR`: Sec. 4's laws and figures on the user's model."""
+    from ufmjax.report.reproduce import reproduce_hf
+
+    out = args.out or "results/reproduce_hf"
+    layers = _layers(args.layers)
+    inputs = hf_runs.read_inputs(concept=args.concept, positive=args.positive, negative=args.negative,
+                                 prompts=args.prompts, concept_words=args.concept_words,
+                                 concept_regex=args.concept_regex, ce_text=args.ce_text, vector=args.vector)
+    put = None
+    if args.model_devices is not None:
+        from ufmjax.models.hf.shard import model_mesh, sharded_put
+
+        put = sharded_put(model_mesh(args.model_devices))
+    summary = reproduce_hf(out, args.hf, inputs, layers=layers, quick=args.quick, progress=not args.quiet,
+                           weights_dtype=args.weights_dtype, put=put)
+    print(f"{summary['model_type']}: {summary['passed']}/{summary['total']} laws hold at layers "
+          f"{','.join(map(str, summary['layers']))} in {summary['seconds']:.0f} s; report: {out}/report.md")
+    if summary["failed_sections"]:
+        print(f"sections that failed to run: {', '.join(summary['failed_sections'])}")
+    return 0 if summary["all_ran"] else 1
 
 
 def _add_bench(sub) -> None:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ufmjax import theory
-from ufmjax.analysis import find_peaks
+from ufmjax.analysis import find_peaks, summarize_sweep
 from ufmjax.common import log_softmax64
 from ufmjax.data import dirichlet_config, reference_config
 from ufmjax.kernel import sweep
@@ -378,5 +378,117 @@ def reproduce(out, *, quick: bool = False, force: bool = False, progress: bool =
                "passed": sum(law["passed"] for law in laws), "total": len(laws),
                "failed_sections": [s.title for s in done if s.error],
                "all_passed": all(law["passed"] for law in laws) and not any(s.error for s in done)}
+    io.write_json_atomic(out / "report.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------- Sec. 4 on the user's own model
+
+HF_PROBE = np.asarray([-8.0, -1.0, 0.0, 0.5, 4.0])  # in units of median |h| / |v|
+
+
+def default_hf_layers(num_layers: int) -> list[int]:
+    """Early, middle and last cut points: max(1, L // 4), ceil(L / 2), L (duplicates merged)."""
+    return sorted({max(1, num_layers // 4), -(-num_layers // 2), num_layers})
+
+
+def hf_layer_section(out: Path, run, inputs, layer: int, quick: bool, ce_text: str) -> tuple[Section, dict]:
+    """Sec. 4's checks on one layer of a pretrained model; its figure. Returns (section, result)."""
+    from ufmjax.models.hf import steered_closure as hf_closure
+    from ufmjax.models.hf import steered_logits_full as hf_full
+    from ufmjax.report.hf_figures import hf_layer_figure
+    from ufmjax.runs.hf import hf_scaled_grid, hf_sweep, steer_inputs
+
+    sec = Section(f"layer {layer} of {run.spec.layers}")
+    st = steer_inputs(run, inputs, layer=layer)
+    alphas = hf_scaled_grid(run, st, num=61 if quick else 201)
+    scale = float(np.abs(alphas).max() / 50.0)  # alpha of alpha |v| = median |h|
+    rows = [r[r >= 0] for r in st.arrays["prompts"]][:8]
+    gap, size = 0.0, 0.0
+    for positions in ("all", "last"):
+        fn, params = hf_closure(run.model, rows, st.vector, layer, positions)
+        cached = np.stack([np.asarray(fn(params, jnp.float32(a))) for a in HF_PROBE * scale])
+        full = hf_full(run.model, rows, st.vector, layer, HF_PROBE * scale, positions)
+        gap, size = max(gap, float(np.abs(cached - full).max())), max(size, float(np.abs(full).max()))
+    sec.check("prefix- and key/value-cached steering = full forward pass per alpha",
+              "max |logits difference| / max |logits|, all and last positions", gap / size, "< 1e-5",
+              gap / size < 1e-5)
+    arrays, meta = hf_sweep(run, st, alphas, ce_text=ce_text)
+    s = summarize_sweep(arrays, 1)
+    F = arrays["concept_prob"][:, :, 1] @ arrays["weights"]
+    rise = float(F[-1] - F[np.argmin(np.abs(alphas))])
+    sec.check("steering raises the concept (Thm 3.6)", "P(C | alpha_max) - P(C | 0)", rise, "> 0", rise > 0)
+    sec.check("concept probability is a sigmoid (Thm 3.6)", "R^2 of a + b tanh((alpha - c)/d)", s["tanh_r2"],
+              "> 0.9", s["tanh_r2"] > 0.9)
+    sec.check("ΔCE locally quadratic (Thm 3.8)", f"R^2 of b alpha + k alpha^2 on |alpha| <= {s['quad_window']:.3g}",
+              s["quad_r2"], "> 0.95", s["quad_r2"] > 0.95)
+    sec.check("ΔCE plateaus at large |alpha| (Prop. 4.1)", "|ΔCE'| at the grid ends / its largest value",
+              s["plateau_slope"], "< 0.05", s["plateau_slope"] < 0.05)
+    rel = s["limit_distance_1e4"] / max(float(np.abs(arrays["limit_logits"]).max()), 1e-30)
+    sec.check("logits approach their limit norm(±v) W^T (Prop. 4.1)",
+              "max |y(±1e4) - limit| / max |limit|", rel, "< 1e-2", rel < 1e-2)
+    lo, hi = s["local_ufm_range"]
+    sec.notes.append(f"top tokens with a bump (Thm 3.3): {s['bump_share']:.2f}; rows whose off-target peaks "
+                     f"all precede the concept's: {s['precede']:.2f} of {s['precede_rows']}; local UFM "
+                     f"(KL < 0.01 nats) holds for alpha in [{lo:.3g}, {hi:.3g}] (alpha |v| = median |h| at "
+                     f"alpha = {scale:.3g}); {int(arrays['concept_mask'].sum())} concept tokens")
+    path = hf_layer_figure(arrays, s, out / "figures" / f"hf_layer{layer}.png",
+                           title=f"Sec. 4 on {run.spec.model_type} ({run.path.name}), steered at layer {layer} "
+                                 f"of {run.spec.layers} (all positions), concept '{st.meta['target_name']}'")
+    sec.figures.append(str(path.relative_to(out)))
+    from ufmjax.runs import save_sweep
+
+    save_sweep(out / "sweeps" / f"layer{layer}.npz", arrays, meta)
+    return sec, {"layer": layer, "arrays": arrays, "scale": 1.0 / scale}
+
+
+def reproduce_hf(out, folder, inputs, *, layers=None, quick: bool = False, progress: bool = True,
+                 weights_dtype: str | None = None, put=None) -> dict:
+    """Sec. 4 of the paper on a pretrained model: per layer the law table, the Figs. 6/7-style
+    figure and the sweep; report.md and report.json in `out`. Returns the summary.
+
+    A law that does not hold on a model is a finding about that model, reported as such; only a
+    section that fails to run makes `all_ran` false.
+    """
+    from ufmjax.report.hf_figures import hf_layers_figure
+    from ufmjax.runs.hf import default_ce_text, load_hf
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    run = load_hf(folder, weights_dtype, put)
+    L = run.spec.layers
+    layers = default_hf_layers(L) if layers is None else list(layers)
+    bad = [x for x in layers if not (isinstance(x, int) and 0 <= x <= L)]
+    if bad:
+        raise ValueError(f"--layers must be integers in [0, {L}], got {bad[0]!r}")
+    ce_text = inputs.ce_text if inputs.ce_text is not None else default_ce_text()
+    out.mkdir(parents=True, exist_ok=True)
+    done, results = [], []
+    t0 = time.perf_counter()
+    for layer in layers:
+        t = time.perf_counter()
+        try:
+            sec, res = hf_layer_section(out, run, inputs, layer, quick, ce_text)
+            results.append(res)
+        except Exception:  # noqa: BLE001 - a failing layer is reported, the others still run
+            sec = Section(f"layer {layer} of {L}", error=traceback.format_exc(limit=4))
+        sec.seconds = time.perf_counter() - t
+        done.append(sec)
+        if progress:
+            print(f"[reproduce] {sec.title}: {sum(x.passed for x in sec.laws)}/{len(sec.laws)} laws hold"
+                  + (" (section failed)" if sec.error else "") + f" in {sec.seconds:.1f}s", flush=True)
+    if results:
+        path = hf_layers_figure(results, out / "figures" / "hf_layers.png",
+                                title=f"{run.spec.model_type} ({run.path.name}): early, middle and last layers")
+        done[-1].figures.append(str(path.relative_to(out)))
+    seconds = time.perf_counter() - t0
+    md = _markdown(done, quick, seconds).replace(
+        "# ufmjax reproduce report", f"# ufmjax reproduce report: {run.spec.model_type} from {run.path}", 1)
+    io.write_bytes_atomic(out / "report.md", md.encode())
+    laws = [asdict(law) for s in done for law in s.laws]
+    summary = {"model": str(run.path), "model_type": run.spec.model_type, "layers": layers, "quick": quick,
+               "seconds": seconds, "laws": laws, "passed": sum(law["passed"] for law in laws), "total": len(laws),
+               "failed_sections": [s.title for s in done if s.error], "all_ran": not any(s.error for s in done)}
     io.write_json_atomic(out / "report.json", summary)
     return summary

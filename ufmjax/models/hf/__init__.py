@@ -18,13 +18,15 @@ from ufmjax.models.hf.model import (
     limit_logits,
     logits,
     pad_prompts,
+    residual_norms,
     steered_closure,
+    steered_logits_full,
     token_mean_residual,
 )
 from ufmjax.models.hf.shard import model_mesh, sharded_put
 
 __all__ = [
     "FAMILIES", "Checkpoint", "CheckpointError", "ConfigError", "Decoder", "Spec", "hidden_states",
-    "limit_logits", "load_decoder", "load_spec", "logits", "model_mesh", "pad_prompts", "sharded_put",
-    "spec_from_config", "steered_closure", "token_mean_residual",
+    "limit_logits", "load_decoder", "load_spec", "logits", "model_mesh", "pad_prompts", "residual_norms", "sharded_put",
+    "spec_from_config", "steered_closure", "steered_logits_full", "token_mean_residual",
 ]

@@ -182,6 +182,18 @@ class Checkpoint:
         else:
             raise _fail(self.folder, f"no {SINGLE_FILE} or {INDEX_FILE} in {self.folder}")
 
+    @classmethod
+    def from_file(cls, file: str | os.PathLike) -> Checkpoint:
+        """One safetensors file on its own (e.g. a saved steering vector), not a model folder."""
+        file = Path(file)
+        if not file.is_file():
+            raise _fail(file, "no such file")
+        self = cls.__new__(cls)
+        self.folder, self.source = file.parent, file
+        self._maps, self._closed = {}, False
+        self._tensors, self._metadata = read_header(file)
+        return self
+
     def _open_index(self, index: Path) -> None:
         """Every shard the index names, checked against its weight_map."""
         try:

@@ -451,3 +451,27 @@ def limit_logits(model: Decoder, v_D, dtype=jnp.float32) -> np.ndarray:
     """Prop. 4.1: the limits of the steered logits as alpha -> +-inf, head(+-v), [2, V]."""
     v = jnp.asarray(check_vector(model, v_D), dtype)
     return np.asarray(model.head(jnp.stack([v, -v])))
+
+
+def steered_logits_full(model: Decoder, prompts, v_D, layer: int, alphas_A, positions: str = "all",
+                        dtype=jnp.float32) -> np.ndarray:
+    """Reference: the FULL forward pass per alpha, no cache (the paper's forward-hook method),
+    next-token logits [A, B, V]. The prefix-cached and key/value-cached closures must agree."""
+    layer = check_layer(model, layer)
+    if positions not in POSITIONS:
+        raise ValueError(f"--positions must be one of {POSITIONS}, got {positions!r}")
+    tokens, valid, pos = _prepared(model, prompts)
+    v = jnp.asarray(check_vector(model, v_D), dtype)
+    mask = valid if positions == "all" else jnp.zeros_like(valid).at[:, -1].set(True)
+    out = []
+    for a in np.asarray(alphas_A, np.float64).reshape(-1):
+        h = model.prefix(tokens, valid, pos, layer, dtype) + jnp.asarray(a, dtype) * v * mask[..., None].astype(dtype)
+        out.append(np.asarray(model.suffix(h, valid, pos, layer))[:, -1])
+    return np.stack(out)
+
+
+def residual_norms(model: Decoder, prompts, layer: int, dtype=jnp.float32) -> np.ndarray:
+    """Norms |h^(l)| of every real token's residual at layer l (padding left out)."""
+    tokens, valid, pos = _prepared(model, prompts)
+    h = np.asarray(model.prefix(tokens, valid, pos, check_layer(model, layer), dtype), np.float64)
+    return np.linalg.norm(h, axis=-1)[np.asarray(valid)]

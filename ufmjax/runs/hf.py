@@ -1,0 +1,311 @@
+"""Pretrained models read from a local Hugging Face folder, steered and swept like a trained run.
+
+Shape legend: A = alphas, M = evaluation prompts, V = vocabulary, D = width, Q = prompts of a
+steering set, W = tokens of a held-out text window.
+
+`load_hf(folder)` gives an `HFRun`; `HFRun.steer(...)` builds the same `Steering` as a GPT
+run (`ufmjax.runs.steer`): the vector is the paper's difference of means over token-averaged
+residuals of the positive and negative prompts (padding masked), the rows are the evaluation
+prompts' next tokens, and the concept is a token set (a word list or a regular expression over
+decoded tokens, so Delta p(C | alpha) is exact). `hf_sweep` adds what the GPT sweep adds: the
+top tokens at a named end of the grid, the Prop. 4.1 limit, the local UFM and Delta CE on
+held-out text with every position steered.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from ufmjax.analysis.gpt_probes import LOCAL_UFM_KL, grid_extras, refine_validity_range
+from ufmjax.data.concept_tokens import (
+    concept_files,
+    concept_of_tokens,
+    heldout_text_path,
+    regex_concept,
+    word_concept,
+)
+from ufmjax.data.prompts import InputError, read_text, read_texts, read_words
+from ufmjax.kernel import check_alphas, sweep
+from ufmjax.models.hf.config import Spec
+from ufmjax.models.hf.load import load_decoder
+from ufmjax.models.hf.model import (
+    Decoder,
+    check_layer,
+    check_vector,
+    limit_logits,
+    residual_norms,
+    steered_closure,
+    token_mean_residual,
+)
+from ufmjax.models.hf.tokenizer import HFTokenizer, encode_texts, load_tokenizer
+from ufmjax.runs.folders import versions
+from ufmjax.runs.steer import Steering
+
+TEXT_WINDOWS = 8       # held-out windows whose every position enters the text Delta CE
+TEXT_WINDOW = 32       # tokens per window
+LIMIT_PROBE = 1e4      # Prop. 4.1 also probed at alpha = +-1e4
+
+
+@dataclass
+class HFRun:
+    """A pretrained model folder, loaded: the Decoder and its tokenizer."""
+
+    path: Path
+    spec: Spec
+    model: Decoder
+    tokenizer: HFTokenizer
+
+    def token_strs(self) -> list[str]:
+        """Every token id's decoded string (ids beyond the tokenizer: "")."""
+        return self.tokenizer.token_strs(self.spec.vocab)
+
+    def encode(self, texts, name: str) -> list[np.ndarray]:
+        ids = encode_texts(self.tokenizer, texts, name)
+        too_long = [i for i, t in enumerate(ids) if t.size > self.spec.context]
+        if too_long:
+            raise InputError(f"{name}: text {too_long[0]} has {ids[too_long[0]].size} tokens, more than the "
+                             f"model's context {self.spec.context}")
+        return ids
+
+    def concept_mask(self, words=None, regex=None) -> np.ndarray:
+        if (words is None) == (regex is None):
+            raise InputError("give the concept as exactly one of --concept-words or --concept-regex")
+        strs = self.token_strs()
+        return word_concept(strs, words) if words is not None else regex_concept(strs, regex)
+
+    def steering_vector(self, positive, negative, layer: int, dtype=jnp.float32) -> np.ndarray:
+        """Eq. 3 on a pretrained model: mean over P of the token-averaged residual at layer l,
+        minus the same over N (padding masked; Sec. 4)."""
+        P = self.encode(positive, "--positive")
+        N = self.encode(negative, "--negative")
+        mP = token_mean_residual(self.model, P, layer, dtype)
+        mN = token_mean_residual(self.model, N, layer, dtype)
+        return mP.mean(axis=0) - mN.mean(axis=0)
+
+    def steer(self, *, prompts, positive=None, negative=None, concept_words=None, concept_regex=None,
+              concept_name: str | None = None, vector=None, layer: int | None = None, positions: str = "all",
+              dtype=jnp.float32) -> Steering:
+        """Steer the model at residual layer `layer` (default the middle, ceil(L/2)).
+
+        Args:
+          prompts: evaluation texts; each gives one row (its next-token distribution).
+          positive, negative: texts of the two steering sets (Eq. 3), unless `vector` is given.
+          concept_words / concept_regex: the target concept as a token set.
+          concept_name: a label for the concept (meta only).
+          vector: a [D] steering vector to use instead of the difference of means.
+          positions: "all" (every position steered, the paper's default) or "last".
+        """
+        layer = (self.spec.layers + 1) // 2 if layer is None else check_layer(self.model, layer)
+        mask = self.concept_mask(concept_words, concept_regex)
+        rows = self.encode(prompts, "--prompts")
+        if vector is None:
+            if not positive or not negative:
+                raise InputError("give --positive and --negative prompt files (or --vector)")
+            v = self.steering_vector(positive, negative, layer, dtype)
+            q = (len(positive), len(negative))
+        else:
+            v = check_vector(self.model, np.asarray(vector, np.float64), "--vector")
+            q = (0, 0)
+        steered = steered_closure(self.model, rows, v, layer, positions, rows="last", dtype=dtype)
+        concept_of = concept_of_tokens(mask)
+        lengths = np.asarray([r.size for r in rows])
+        padded = np.full((len(rows), lengths.max()), -1, np.int64)
+        for i, r in enumerate(rows):
+            padded[i, padded.shape[1] - r.size:] = r
+        meta = {"model": "hf", "model_type": self.spec.model_type, "family": self.spec.family,
+                "folder": str(self.path), "target": 1, "target_name": concept_name or "concept",
+                "concept_tokens": int(mask.sum()), "layer": layer, "layers": self.spec.layers,
+                "positions": positions, "q_positive": q[0], "q_negative": q[1], "ce_against": "model",
+                "vector_source": "file" if vector is not None else "difference of means"}
+        arrays = {"prompts": padded, "prompt_lengths": lengths, "concept_mask": mask}
+        return Steering(steered, concept_of=concept_of, ce_target=None, weights=None,
+                        P=np.arange(q[0]), N=np.arange(q[1]), vector=np.asarray(v), target=1,
+                        dtype=jnp.dtype(dtype), meta=meta, arrays=arrays)
+
+
+def load_hf(folder, dtype: str | None = None, put=None) -> HFRun:
+    """A model folder (config.json, safetensors weights, tokenizer.json) as an HFRun.
+
+    dtype: None keeps the checkpoint's dtype; put: numpy -> device array (e.g. a sharded
+    placement, `models.hf.shard`).
+    """
+    folder = Path(folder)
+    model = load_decoder(folder, dtype, put)
+    tok = load_tokenizer(folder)
+    tok.check_vocab(model.spec.vocab)
+    return HFRun(folder, model.spec, model, tok)
+
+
+def read_vector(path) -> np.ndarray:
+    """A steering vector from a .npy file or a .safetensors file holding one tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--vector: no file {str(path)!r}")
+    if path.suffix == ".npy":
+        try:
+            v = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise InputError(f"--vector: {path} is not a readable .npy file ({e})") from None
+    elif path.suffix == ".safetensors":
+        from ufmjax.models.hf.checkpoint import Checkpoint
+
+        with Checkpoint.from_file(path) as ck:
+            names = ck.names()
+            if len(names) != 1:
+                raise InputError(f"--vector: {path} holds {len(names)} tensors; it must hold exactly one")
+            v = ck.read(names[0], "float32")
+    else:
+        raise InputError(f"--vector: {path} must be a .npy or .safetensors file")
+    v = np.asarray(v).reshape(-1) if np.asarray(v).ndim == 2 and 1 in np.asarray(v).shape else np.asarray(v)
+    if v.ndim != 1 or not np.issubdtype(v.dtype, np.floating):
+        raise InputError(f"--vector: {path} must hold a 1-D float vector, got shape {v.shape} {v.dtype}")
+    return v.astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The researcher's inputs, read from plain files (the CLI's options)."""
+
+    prompts: list
+    positive: list | None
+    negative: list | None
+    words: list | None
+    regex: str | None
+    ce_text: str | None
+    vector: np.ndarray | None
+    name: str | None
+
+
+def read_inputs(*, concept=None, positive=None, negative=None, prompts=None, concept_words=None,
+                concept_regex=None, ce_text=None, vector=None) -> Inputs:
+    """Read every input file (each error names its option), a shipped concept filling what is
+    not given. Nothing is computed before all of them are read."""
+    files = concept_files(concept) if concept is not None else {}
+    if concept_words is None and concept_regex is None:
+        concept_words, concept_regex = files.get("words"), None
+        if "regex" in files:
+            concept_regex = Path(files["regex"]).read_text(encoding="utf-8").strip()
+    elif concept_words is not None and concept_regex is not None:
+        raise InputError("give only one of --concept-words and --concept-regex")
+    prompts = prompts or files.get("prompts")
+    if prompts is None:
+        raise InputError("--prompts: give an evaluation prompt file (or --concept NAME)")
+    positive = positive or files.get("positive")
+    negative = negative or files.get("negative")
+    if vector is None and (positive is None or negative is None):
+        raise InputError("give --positive and --negative prompt files, --concept NAME, or --vector FILE")
+    if concept_words is None and concept_regex is None:
+        raise InputError("give the concept: --concept-words FILE, --concept-regex RE or --concept NAME")
+    return Inputs(
+        prompts=read_texts(prompts, "--prompts"),
+        positive=None if positive is None else read_texts(positive, "--positive"),
+        negative=None if negative is None else read_texts(negative, "--negative"),
+        words=None if concept_words is None else read_words(concept_words, "--concept-words"),
+        regex=concept_regex, ce_text=None if ce_text is None else read_text(ce_text, "--ce-text"),
+        vector=None if vector is None else read_vector(vector),
+        name=concept or (Path(concept_words).stem if concept_words is not None else f"regex {concept_regex}"))
+
+
+def default_ce_text() -> str:
+    """The held-out prose shipped with ufmjax (used when --ce-text is not given)."""
+    return read_text(heldout_text_path(), "--ce-text")
+
+
+def steer_inputs(run: HFRun, inputs: Inputs, *, layer=None, positions="all", dtype=jnp.float32) -> Steering:
+    return run.steer(prompts=inputs.prompts, positive=inputs.positive, negative=inputs.negative,
+                     concept_words=inputs.words, concept_regex=inputs.regex, concept_name=inputs.name,
+                     vector=inputs.vector, layer=layer, positions=positions, dtype=dtype)
+
+
+def hf_scaled_grid(run: HFRun, st: Steering, reach: float = 50.0, num: int = 401) -> np.ndarray:
+    """A grid dense near 0 reaching alpha |v| = reach * median |h| at the steered layer (as
+    `scaled_grid` for a GPT): alpha = s sinh(t), t uniform."""
+    rows = [r[r >= 0] for r in st.arrays["prompts"]]
+    h = residual_norms(run.model, rows, st.meta["layer"], st.dtype)
+    s = float(np.median(h) / max(np.linalg.norm(st.vector), 1e-12))
+    t = np.linspace(-np.arcsinh(reach), np.arcsinh(reach), num)
+    return s * np.sinh(t)
+
+
+def hf_chunk_size(spec: Spec, rows: int, positions: int) -> int:
+    """Alphas per compiled call: the larger of the per-alpha MLP activations [M, T, F] and
+    the per-alpha softmax tables [M, V] (about 4 of them) kept near 2^23 elements."""
+    per_alpha = max(rows * positions * spec.mlp_width, 4 * rows * spec.vocab)
+    return int(np.clip((1 << 23) // max(per_alpha, 1), 1, 256))
+
+
+def text_windows(run: HFRun, text: str, windows: int = TEXT_WINDOWS, width: int = TEXT_WINDOW) -> np.ndarray:
+    """Up to `windows` windows [n, W + 1] of the tokenised text, spread over it."""
+    ids = np.asarray(run.tokenizer.encode(text), np.int64)
+    width = min(width, run.spec.context - 1)
+    n = ids.size // (width + 1)
+    if n < 1:
+        raise InputError(f"--ce-text: the text has {ids.size} tokens; at least {width + 1} are needed")
+    starts = np.linspace(0, (n - 1) * (width + 1), min(windows, n)).round().astype(int)
+    return np.stack([ids[s:s + width + 1] for s in starts])
+
+
+def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_k_at: str = "max",
+             derivatives: int = 2, chunk_size: int | None = None, ce_text: str | None = None,
+             limits: bool = True, local_ufm: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """Sweep a steered pretrained model. Returns (arrays, meta) with the GPT run's keys.
+
+    top_k: track only the k most likely tokens (mean over prompts) at the grid's largest
+      alpha (`top_k_at="max"`) or smallest (`"min"`).
+    ce_text: held-out text; its windows are steered at every position and their next-token
+      CE gives `text_delta_ce` (with `d_`/`d2_`), `text_kl`, `text_concept_prob`.
+    limits / local_ufm: the Prop. 4.1 distance and the local UFM, as for a GPT run.
+    """
+    t0 = time.perf_counter()
+    alphas = check_alphas(alphas)
+    M = st.arrays["prompts"].shape[0]
+    T = st.arrays["prompts"].shape[1] if st.meta["positions"] == "all" else 1
+    chunk = chunk_size or hf_chunk_size(run.spec, M, T)
+    tokens = None
+    if top_k is not None:
+        if top_k_at not in ("max", "min"):
+            raise ValueError(f"--top-k-at must be 'max' or 'min', got {top_k_at!r}")
+        end = alphas.max() if top_k_at == "max" else alphas.min()
+        tokens = st.top_tokens([end], top_k)
+    arrays = st.sweep(alphas, tokens=tokens, derivatives=derivatives, chunk_size=chunk)
+    arrays.update(st.arrays)
+    arrays["token_strs"] = np.asarray(run.token_strs())[arrays["tokens"]]  # decoded tracked tokens
+    meta: dict[str, Any] = {**st.meta, "dtype": str(st.dtype), "derivatives": derivatives, "top_k_at": top_k_at,
+                            "versions": versions()}
+    dtype, w = st.dtype, arrays["weights"]
+    if limits or local_ufm:
+        lim = limit_logits(run.model, st.vector, dtype) if limits else np.zeros((2, run.spec.vocab))
+        ex = grid_extras(st.steered, alphas, lim, w, chunk, dtype)
+        if limits:
+            probe = np.asarray([-LIMIT_PROBE, LIMIT_PROBE])
+            arrays.update(limit_logits=lim, limit_distance=ex["limit_distance"], limit_probe_alphas=probe,
+                          limit_probe_distance=grid_extras(st.steered, probe, lim, w, 2, dtype)["limit_distance"])
+        if local_ufm:
+            lo, hi, censored = refine_validity_range(st.steered, alphas, ex["local_ufm_kl"], weights=w, dtype=dtype,
+                                                     chunk_size=chunk)
+            arrays.update(local_ufm_kl=ex["local_ufm_kl"], local_ufm_kl_max=ex["local_ufm_kl_max"],
+                          local_ufm_direction=ex["local_ufm_direction"], local_ufm_range=np.asarray([lo, hi]),
+                          local_ufm_censored=np.asarray(censored))
+            meta["local_ufm_threshold"] = LOCAL_UFM_KL
+    if ce_text is not None:
+        win = text_windows(run, ce_text)
+        all_pos = steered_closure(run.model, list(win[:, :-1]), st.vector, st.meta["layer"], "all", rows="all",
+                                  dtype=dtype)
+        tx = sweep(all_pos, alphas, concept_of=st.concept_of, ce_target=win[:, 1:].reshape(-1),
+                   tokens=np.asarray([0]), derivatives=derivatives, dtype=dtype,
+                   chunk_size=chunk_size or hf_chunk_size(run.spec, win.shape[0], win.shape[1] - 1))
+        arrays["text_delta_ce"] = tx["delta_ce"]
+        arrays["text_kl"] = tx["kl"].mean(axis=1)
+        arrays["text_concept_prob"] = tx["concept_prob"][:, :, st.target].mean(axis=1)
+        for prefix in ("d_", "d2_")[:derivatives]:
+            arrays[prefix + "text_delta_ce"] = tx[prefix + "delta_ce"]
+        arrays["text_windows"] = win
+        meta["text_ce_rows"] = int(win.shape[0] * (win.shape[1] - 1))
+    meta["seconds"] = time.perf_counter() - t0
+    return arrays, meta
