@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 
 MODES = ("quick", "default", "full")
-SECTIONS = ("ufm_exp", "ufm_numpy", "gpt", "optimize", "scaling", "memory", "precision")
+SECTIONS = ("ufm_exp", "ufm_numpy", "gpt", "optimize", "scaling", "memory", "precision", "hf_load")
 GIB = float(1 << 30)
 
 # Problem sizes per mode. Default and full only differ in the memory section.
@@ -57,6 +57,7 @@ SIZES = {
         optimize=dict(grid_cap=20_000),
         scaling=dict(A=128, M=4, V=1024, chunk=64, shared=True),
         memory=dict(A=2_000, M=8, V=2_048, shared=True),
+        hf_load=dict(mb=64),
     ),
     "default": dict(
         rounds=3,
@@ -66,6 +67,7 @@ SIZES = {
         optimize=dict(grid_cap=200_000),
         scaling=dict(A=640, M=8, V=4_096, chunk=64),
         memory=dict(A=20_000, M=32, V=5_000),
+        hf_load=dict(mb=512),
     ),
 }
 SIZES["full"] = {**SIZES["default"], "memory": dict(A=20_000, M=32, V=50_257)}
@@ -78,6 +80,7 @@ TARGET_DERIV = 2.5       # values + first and second derivatives <= 2.5x values 
 TARGET_LINEAR = 12.0     # 10x more work costs at most ~10x the time (12: some noise)
 TARGET_MEM_GROWTH = 1.10 # peak memory at A and A/10 alphas equal within 10%
 TARGET_MEM_GIB = 4.0     # peak resident memory of the full memory run
+TARGET_LOAD = 1.3        # loading a pretrained checkpoint: peak host memory over baseline / its size
 # float32 against float64 (README): probabilities and concept curves to 1e-5 absolute, every
 # other curve and every derivative to 1e-4 of the curve's own scale.
 TOL_F32_ABS = 1e-5
@@ -628,10 +631,30 @@ def section_precision(sz: dict, rounds: int) -> Section:
     return s
 
 
+def section_hf_load(sz: dict, rounds: int) -> Section:
+    """Peak host memory of `load_decoder` on a generated Llama checkpoint (benchmarks/load_memory.py)."""
+    import importlib.util
+
+    s = Section("hf_load", "Loading a pretrained checkpoint: memory-mapped, tensor by tensor")
+    spec = importlib.util.spec_from_file_location("load_memory", Path(__file__).with_name("load_memory.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    r = module.measure(sz["mb"], None)
+    s.rows.append(Row(f"peak host memory over baseline / checkpoint size ({r['checkpoint_mb']:.0f} MiB float32)",
+                      r["ratio"], "x", f"< {TARGET_LOAD}", _at_most(r["ratio"], TARGET_LOAD),
+                      note=f"peak {r['peak_mb']:.0f} MiB, baseline {r['rss_before_mb']:.0f} MiB, "
+                           f"largest tensor {r['largest_tensor_mb']:.0f} MiB"))
+    s.rows.append(Row("load time", r["load_s"], "s", note=f"{r['tensors']} tensors"))
+    s.notes.append("A fresh process (JAX's CPU backend already up) loads the folder with "
+                   "ufmjax.models.hf.load_decoder; each tensor is copied out of the memory map and its "
+                   "pages released before the next one, so the peak is the model plus one tensor.")
+    return s
+
+
 SECTION_FNS = {"ufm_exp": ("ufm", section_ufm_exp), "ufm_numpy": ("ufm", section_ufm_numpy),
                "gpt": ("gpt", section_gpt), "optimize": ("optimize", section_optimize),
                "scaling": ("scaling", section_scaling), "memory": ("memory", section_memory),
-               "precision": ("ufm", section_precision)}
+               "precision": ("ufm", section_precision), "hf_load": ("hf_load", section_hf_load)}
 
 
 # ---------------------------------------------------------------- the report

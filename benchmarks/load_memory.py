@@ -1,9 +1,9 @@
-"""Peak resident memory of loading a whole checkpoint with `Checkpoint.read` + `jax.device_put`.
+"""Peak resident memory of loading a whole model with `load_decoder` (memory-mapped, tensor by tensor).
 
 The target: loading costs about (checkpoint size + largest tensor) over the process's baseline,
 not twice the checkpoint. `measure(size_mb, tmpdir)` writes a float32 checkpoint shaped like a
 small transformer (embedding, L layers of attention and MLP matrices, norms; the largest tensor
-a few percent of the total), then loads it in a FRESH subprocess, so nothing the parent
+a few percent of the total), then loads it with `ufmjax.models.hf.load_decoder` in a FRESH subprocess, so nothing the parent
 allocated while writing it counts. The child imports JAX and starts its CPU backend before
 taking the baseline (a model loader has paid for that already), loads every tensor, keeps the
 jax arrays alive as a model would, and reports its peak (VmHWM; see PEAK below).
@@ -53,15 +53,15 @@ def status(key):
 import numpy as np
 import jax
 jax.device_put(np.ones(4, np.float32)).block_until_ready()  # the backend is started
-from ufmjax.models.hf.checkpoint import Checkpoint
+from flax import nnx
+from ufmjax.models.hf import load_decoder
 
 before = status("VmRSS")
 start = time.perf_counter()
-params = {}
-with Checkpoint(sys.argv[1]) as ck:
-    for name in ck.names():
-        params[name] = ck.read_into(name, jax.device_put)
-    jax.block_until_ready(params)
+model = load_decoder(sys.argv[1])  # the whole model, as `ufmjax sweep --hf` loads it
+params = {str(k): v for k, v in nnx.state(model, nnx.Param).flat_state()}
+params = {k: v[...] for k, v in params.items()}
+jax.block_until_ready(params)
 seconds = time.perf_counter() - start
 peak = status("VmHWM")  # this mm's high-water mark; see PEAK below on ru_maxrss
 if peak != peak:  # no /proc: ru_maxrss, in KiB on Linux
@@ -72,25 +72,33 @@ print(json.dumps({"rss_before_mb": before, "peak_mb": peak, "rss_after_mb": stat
 
 
 def transformer_shapes(size_mb: float, layers: int = LAYERS) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of a GPT-like model of about `size_mb` MiB in float32: vocabulary 4D,
-    per layer q/k/v/o (D, D), MLP up (D, 4D) and down (4D, D), two norms; tied head.
-    The largest tensors (embedding, MLP) are each 4 / (12 L + 4) of the total (4% at L = 8)."""
+    """Tensor shapes of a Llama-shaped model of about `size_mb` MiB in float32: vocabulary 4D,
+    per layer q/k/v/o (D, D), gated MLP gate/up (4D, D) and down (D, 4D), two norms; tied head.
+    The largest tensors (embedding, MLP) are each 4 / (16 L + 4) of the total (3% at L = 8)."""
     floats = size_mb * MIB / 4
-    width = max(8, int(round((floats / (12 * layers + 4)) ** 0.5 / 8)) * 8)
+    width = max(8, int(round((floats / (16 * layers + 4)) ** 0.5 / 8)) * 8)
     shapes = {"model.embed_tokens.weight": (4 * width, width), "model.norm.weight": (width,)}
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes.update({p + "input_layernorm.weight": (width,), p + "post_attention_layernorm.weight": (width,),
-                       p + "mlp.up_proj.weight": (4 * width, width), p + "mlp.down_proj.weight": (width, 4 * width)})
+                       p + "mlp.gate_proj.weight": (4 * width, width), p + "mlp.up_proj.weight": (4 * width, width),
+                       p + "mlp.down_proj.weight": (width, 4 * width)})
         shapes.update({p + f"self_attn.{x}_proj.weight": (width, width) for x in "qkvo"})
     return shapes
 
 
 def write_checkpoint(folder: Path, size_mb: float, seed: int = 0) -> Path:
-    """A float32 checkpoint of random values (not zeros, so no page is special) in `folder`."""
+    """A float32 Llama checkpoint folder of random values (not zeros, so no page is special):
+    config.json and model.safetensors, loadable by `ufmjax.models.hf.load_decoder`."""
     rng = np.random.default_rng(seed)
-    tensors = {name: rng.standard_normal(shape, dtype=np.float32)
-               for name, shape in transformer_shapes(size_mb).items()}
+    shapes = transformer_shapes(size_mb)
+    width = shapes["model.norm.weight"][0]
+    config = {"model_type": "llama", "hidden_size": width, "intermediate_size": 4 * width,
+              "num_hidden_layers": LAYERS, "num_attention_heads": 8,
+              "num_key_value_heads": 8, "vocab_size": 4 * width, "max_position_embeddings": 2048,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "hidden_act": "silu"}
+    (Path(folder) / "config.json").write_text(json.dumps(config))
+    tensors = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
     return write_safetensors(Path(folder) / SINGLE_FILE, tensors, metadata={"format": "pt"})
 
 

@@ -426,7 +426,7 @@ def add_bench_args(p) -> None:
     mode.add_argument("--full", action="store_true",
                       help="also the full 20,000 alphas x 32 contexts x 50,257 tokens memory run")
     p.add_argument("--sections", default=None,
-                   help="comma-separated subset of: ufm_exp, ufm_numpy, gpt, optimize, scaling, memory, precision")
+                   help="comma-separated subset of: ufm_exp, ufm_numpy, gpt, optimize, scaling, memory, precision, hf_load")
     p.add_argument("--quiet", action="store_true", help="no per-section progress lines")
 
 

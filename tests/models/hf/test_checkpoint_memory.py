@@ -1,6 +1,6 @@
-"""Loading a whole checkpoint (Checkpoint.read + jax.device_put, arrays kept) costs about the
-checkpoint once over the process's baseline, not twice: measured in a fresh subprocess by
-benchmarks/load_memory.py on a 512 MiB float32 transformer-shaped checkpoint."""
+"""Loading a whole model (`load_decoder`: memory-mapped, tensor by tensor, arrays kept) costs
+about the checkpoint once over the process's baseline, not twice: measured in a fresh
+subprocess by benchmarks/load_memory.py on a generated 512 MiB float32 Llama checkpoint."""
 
 import importlib.util
 from pathlib import Path
