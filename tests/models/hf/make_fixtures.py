@@ -52,6 +52,17 @@ argument is gone) plus a generation_config.json; tied heads are not stored (no
 lm_head.weight in gpt2, llama3_tied, qwen2, gemma3).  GPT-2 keys are
 "transformer.*" (Conv1D weights [in, out], c_attn = q|k|v along out); the
 others "model.*" + "lm_head.weight".
+gemma3_mm (Gemma3ForConditionalGeneration, text settings of gemma3, a 1-layer
+SigLIP tower of width 16, 28 x 28 images of 14 x 14 patches, 4 tokens per image,
+boi/eoi/image ids 250/251/252): config.json has model_type "gemma3" with nested
+"text_config" (model_type "gemma3_text") and "vision_config"
+("siglip_vision_model"); save_pretrained writes the original checkpoint names
+(not the in-memory "model.language_model.*"): "language_model.model.*",
+"vision_tower.*" (no "vision_model." level), "multi_modal_projector.*"; no
+lm_head (tied).  Its reference is text only (input_ids, no pixel_values), hooks
+on model.model.language_model.layers.  The wrapper's forward applies NO final
+soft-capping although text_config holds final_logit_softcapping (meta
+"final_logit_softcapping_active", this variant only).
 
 What transformers 5.24 does in these forwards (eager, checked here or in meta):
   * decoder blocks return a plain tensor, not a tuple;
@@ -116,6 +127,26 @@ _COMMON = dict(
     eos_token_id=1,
     pad_token_id=None,
     attn_implementation="eager",
+)
+
+_GEMMA3_TEXT = dict(
+    **_COMMON,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=24,  # != head_dim, so a head_dim**-0.5 scaling would be caught
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    sliding_window=4,
+    final_logit_softcapping=30.0,
+    attn_logit_softcapping=50.0,
+    tie_word_embeddings=True,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+    },
 )
 
 VARIANTS: dict[str, dict] = {
@@ -235,24 +266,39 @@ VARIANTS: dict[str, dict] = {
         config="Gemma3TextConfig",
         seed=17,
         bos=True,
+        kwargs=_GEMMA3_TEXT,
+    ),
+    # The multimodal wrapper Gemma 3 4B ships as (Gemma3ForConditionalGeneration: a SigLIP vision
+    # tower, a projector and the language model under "model.language_model."), with gemma3's
+    # text settings; the reference is text only (input_ids, no pixel_values).
+    "gemma3_mm": dict(
+        model="Gemma3ForConditionalGeneration",
+        config="Gemma3Config",
+        seed=18,
+        bos=True,
         kwargs=dict(
-            **_COMMON,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            query_pre_attn_scalar=24,  # != head_dim, so a head_dim**-0.5 scaling would be caught
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            sliding_window=4,
-            final_logit_softcapping=30.0,
-            attn_logit_softcapping=50.0,
+            # image ids inside the 256 rows, above the tokenizer's 250 (never produced here)
+            boi_token_index=250,
+            eoi_token_index=251,
+            image_token_index=252,
+            mm_tokens_per_image=4,  # 2 x 2 tokens per side: (28 / 14) patches per side, pooled by 1
+            initializer_range=STD,
             tie_word_embeddings=True,
-            rope_parameters={
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
-            },
+            attn_implementation="eager",
+        ),
+        text_config=("Gemma3TextConfig", _GEMMA3_TEXT),
+        vision_config=(
+            "SiglipVisionConfig",
+            dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+                vision_use_head=False,  # as Gemma 3's SigLIP: no pooling head
+                attn_implementation="eager",
+            ),
         ),
     ),
     # The llama model (same seed) rounded to bfloat16 and saved as bfloat16.
@@ -339,7 +385,8 @@ def _randomise(model, seed: int, gemma: bool) -> None:
             if name.endswith("bias"):
                 p.copy_(BIAS_STD * noise)
             elif _is_norm(owner):
-                p.copy_(NORM_STD * noise if gemma else 1.0 + NORM_STD * noise)
+                plus_one = gemma and "RMSNorm" in type(owner).__name__  # Gemma3RMSNorm: (1 + w)
+                p.copy_(NORM_STD * noise if plus_one else 1.0 + NORM_STD * noise)
             else:
                 p.copy_(STD * noise)
 
@@ -349,21 +396,35 @@ def _make_model(spec: dict):
     import transformers
 
     torch.manual_seed(spec["seed"])
-    cfg = getattr(transformers, spec["config"])(**spec["kwargs"])
+    subs = {key: getattr(transformers, spec[key][0])(**spec[key][1])
+            for key in ("text_config", "vision_config") if key in spec}
+    cfg = getattr(transformers, spec["config"])(**spec["kwargs"], **subs)
     cfg.dtype = torch.float32
     model = getattr(transformers, spec["model"])(cfg).to(torch.float32)
     _randomise(model, spec["seed"], gemma=spec["model"].startswith("Gemma3"))
     model.config._attn_implementation = "eager"
+    for sub in subs.values():
+        sub._attn_implementation = "eager"
     model.eval()
     return model
 
 
+def _text_config(model):
+    """The language model's config (the multimodal Gemma 3 nests it as text_config)."""
+    return model.config.text_config if hasattr(model.config, "text_config") else model.config
+
+
+def _lm(model):
+    """The decoder stack: model.model, or (multimodal Gemma 3) model.model.language_model."""
+    return model.model.language_model if hasattr(model.model, "language_model") else model.model
+
+
 def _blocks(model):
-    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    return model.transformer.h if hasattr(model, "transformer") else _lm(model).layers
 
 
 def _final_norm(model):
-    return model.transformer.ln_f if hasattr(model, "transformer") else model.model.norm
+    return model.transformer.ln_f if hasattr(model, "transformer") else _lm(model).norm
 
 
 def _head(model, h):
@@ -371,6 +432,8 @@ def _head(model, h):
     import torch
 
     logits = model.lm_head(_final_norm(model)(h))
+    # Gemma3ForConditionalGeneration's config has no such field, and its forward applies none
+    # (measured as meta "final_logit_softcapping_active"; the check against logits in _reference).
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
@@ -382,7 +445,7 @@ def _inputs_embeds(model, ids):
     model adds wpe after; Gemma 3: already times sqrt(D))."""
     if hasattr(model, "transformer"):
         return model.transformer.wte(ids)
-    return model.model.embed_tokens(ids)
+    return _lm(model).embed_tokens(ids)
 
 
 # --------------------------------------------------------------------------- hooks
@@ -462,7 +525,7 @@ def _last_probs(model, ids):
 
 
 def _steered(model, ids, vector, layers, last_only: bool) -> np.ndarray:
-    out = np.zeros((len(layers), len(ALPHAS), model.config.vocab_size), dtype=np.float64)
+    out = np.zeros((len(layers), len(ALPHAS), _text_config(model).vocab_size), dtype=np.float64)
     for a, layer in enumerate(layers):
         for b, alpha in enumerate(ALPHAS):
             handle = _steer_hook(model, int(layer), float(alpha) * vector, last_only)
@@ -480,8 +543,8 @@ def _sliding_keys_seen(model, ids) -> int | None:
     """How many keys the last query of a sliding layer may attend to (eager mask)."""
     import torch
 
-    window = getattr(model.config, "sliding_window", None)
-    types = getattr(model.config, "layer_types", None)
+    window = getattr(_text_config(model), "sliding_window", None)
+    types = getattr(_text_config(model), "layer_types", None)
     if window is None:
         return None
     idx = types.index("sliding_attention") if types else 0
@@ -507,7 +570,8 @@ def _attn_softcap_active(model, ids) -> bool | None:
     """Whether changing attn_logit_softcapping (to 0.5) changes Gemma 3's logits."""
     import torch
 
-    cap = getattr(model.config, "attn_logit_softcapping", None)
+    config = _text_config(model)
+    cap = getattr(config, "attn_logit_softcapping", None)
     if cap is None:
         return None
     with torch.no_grad():
@@ -515,15 +579,53 @@ def _attn_softcap_active(model, ids) -> bool | None:
         for m in model.modules():
             if hasattr(m, "attn_logit_softcapping"):
                 m.attn_logit_softcapping = 0.5
-        model.config.attn_logit_softcapping = 0.5
+        config.attn_logit_softcapping = 0.5
         try:
             new = model(input_ids=ids, use_cache=False).logits
         finally:
             for m in model.modules():
                 if hasattr(m, "attn_logit_softcapping"):
                     m.attn_logit_softcapping = cap
-            model.config.attn_logit_softcapping = cap
+            config.attn_logit_softcapping = cap
     return not torch.equal(ref, new)
+
+
+def _final_softcap_active(model, ids) -> bool | None:
+    """Whether changing the text config's final_logit_softcapping (to 0.5) changes the logits
+    (asked of the multimodal Gemma 3 only: its forward never reads it in transformers 5.24)."""
+    import torch
+
+    config = _text_config(model)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is None:
+        return None
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        config.final_logit_softcapping = 0.5
+        try:
+            new = model(input_ids=ids, use_cache=False).logits
+        finally:
+            config.final_logit_softcapping = cap
+    return not torch.equal(ref, new)
+
+
+def _check_image_path(model) -> None:
+    """Multimodal only: an image prompt runs (so the vision settings are consistent) and changes
+    the logits; the reference itself is text only."""
+    import torch
+
+    cfg = model.config
+    n = cfg.mm_tokens_per_image
+    ids = torch.tensor([[0, 5, cfg.boi_token_index] + [cfg.image_token_index] * n + [cfg.eoi_token_index, 7]])
+    size = cfg.vision_config.image_size
+    pixels = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        feats = model.get_image_features(pixel_values=pixels).pooler_output
+        assert feats.shape == (1, n, cfg.text_config.hidden_size), feats.shape
+        text = model(input_ids=ids, use_cache=False).logits
+        image = model(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == cfg.image_token_index).long(),
+                      use_cache=False).logits
+    assert not torch.allclose(text[0, -1], image[0, -1])
 
 
 # --------------------------------------------------------------------------- build
@@ -535,8 +637,8 @@ def _reference(model, tok, name: str, extra_models: dict | None = None) -> dict:
     import transformers
 
     L = len(_blocks(model))
-    D = model.config.hidden_size
-    V = model.config.vocab_size
+    D = _text_config(model).hidden_size
+    V = _text_config(model).vocab_size
     layers = np.array([0, max(1, L // 2), L], dtype=np.int32)
     ref: dict = {"num_prompts": np.array(len(PROMPT_TEXTS)), "alphas": ALPHAS, "steer_layers": layers}
     prompts = []
@@ -547,7 +649,7 @@ def _reference(model, tok, name: str, extra_models: dict | None = None) -> dict:
         ref[f"prompt_{i}"] = np.array(enc.ids, dtype=np.int32)
         ref[f"prompt_text_{i}"] = np.array(text)
     lengths = [p.shape[1] for p in prompts]
-    window = getattr(model.config, "sliding_window", None) or 4
+    window = getattr(_text_config(model), "sliding_window", None) or 4
     assert lengths == sorted(set(lengths)) and lengths[-1] > window + 1, lengths
 
     hiddens = []
@@ -599,16 +701,21 @@ def _reference(model, tok, name: str, extra_models: dict | None = None) -> dict:
         "sliding_window_keys_seen": _sliding_keys_seen(model, prompts[-1]),
         "attn_logit_softcapping_active": _attn_softcap_active(model, prompts[-1]),
     }
+    if hasattr(model.config, "text_config"):  # multimodal Gemma 3 only (the others' meta unchanged)
+        meta["final_logit_softcapping_active"] = _final_softcap_active(model, prompts[-1])
     ref["meta_json"] = np.array(json.dumps(meta, sort_keys=True))
     return ref
 
 
-def _check_reload(out: Path, ref: dict) -> None:
-    """The saved checkpoint, reloaded by transformers in float32, reproduces the logits."""
+def _check_reload(out: Path, ref: dict, cls: str | None = None) -> None:
+    """The saved checkpoint, reloaded by transformers in float32, reproduces the logits
+    (AutoModelForCausalLM, which also maps model_type "gemma3" to the multimodal class; with
+    ``cls`` that class is required)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    assert cls is None or type(model).__name__ == cls, type(model).__name__
     for i in range(int(ref["num_prompts"])):
         ids = torch.from_numpy(ref[f"prompt_{i}"].astype(np.int64))[None]
         with torch.no_grad():
@@ -667,8 +774,10 @@ def _build(variant: str, out: Path) -> Path:
         model.save_pretrained(out)
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     tok.save(str(out / "tokenizer.json"))
+    if "vision_config" in base_spec:
+        _check_image_path(model)
     ref = _reference(model, tok, variant, extra)
-    _check_reload(out, ref)
+    _check_reload(out, ref, base_spec["model"] if "vision_config" in base_spec else None)
     _savez(out / "reference.npz", ref)
     return out
 

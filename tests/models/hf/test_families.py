@@ -17,7 +17,7 @@ import pytest
 from ufmjax.models.hf import hidden_states, load_decoder, logits, steered_closure
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "hf"
-VARIANTS = ["gpt2", "llama", "llama3_tied", "mistral", "qwen2", "qwen3", "gemma3", "llama_bf16"]
+VARIANTS = ["gpt2", "llama", "llama3_tied", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_mm", "llama_bf16"]
 
 
 def compare_with_reference(folder, dtype=None) -> dict:

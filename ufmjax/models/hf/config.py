@@ -14,6 +14,7 @@ switches) are accepted as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -224,7 +225,10 @@ def spec_from_config(cfg: dict, where: str = "config.json") -> Spec:
         text = cfg.get("text_config")
         if not isinstance(text, dict):
             raise ConfigError(f"--hf: {where}: model_type 'gemma3' without a text_config")
-        return spec_from_config({**text, "model_type": "gemma3_text"}, where)
+        spec = spec_from_config({**text, "model_type": "gemma3_text"}, where)
+        # transformers' Gemma3ForConditionalGeneration returns lm_head(h) without the final
+        # soft-capping its text-only class applies (released Gemma 3 configs set none anyway).
+        return dataclasses.replace(spec, model_type="gemma3", final_softcap=None)
     if cfg.get("quantization_config"):
         raise ConfigError(f"--hf: {where}: quantized checkpoints (quantization_config) are not supported")
     family = FAMILIES[model_type]
