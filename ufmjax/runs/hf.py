@@ -266,7 +266,7 @@ def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_
     alphas = check_alphas(alphas)
     M = st.arrays["prompts"].shape[0]
     T = st.arrays["prompts"].shape[1] if st.meta["positions"] == "all" else 1
-    chunk = chunk_size or hf_chunk_size(run.spec, M, T)
+    chunk = hf_chunk_size(run.spec, M, T) if chunk_size is None else chunk_size
     tokens = None
     if top_k is not None:
         if top_k_at not in ("max", "min"):
@@ -299,7 +299,8 @@ def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_
                                   dtype=dtype)
         tx = sweep(all_pos, alphas, concept_of=st.concept_of, ce_target=win[:, 1:].reshape(-1),
                    tokens=np.asarray([0]), derivatives=derivatives, dtype=dtype,
-                   chunk_size=chunk_size or hf_chunk_size(run.spec, win.shape[0], win.shape[1] - 1))
+                   chunk_size=hf_chunk_size(run.spec, win.shape[0], win.shape[1] - 1) if chunk_size is None
+                   else chunk_size)
         arrays["text_delta_ce"] = tx["delta_ce"]
         arrays["text_kl"] = tx["kl"].mean(axis=1)
         arrays["text_concept_prob"] = tx["concept_prob"][:, :, st.target].mean(axis=1)

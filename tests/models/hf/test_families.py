@@ -7,6 +7,7 @@ transformers' logits, hidden states and the forward-hook steered next-token prob
 with transformers when it is installed and runs the same comparisons.
 """
 
+import functools
 from pathlib import Path
 
 import jax
@@ -18,6 +19,12 @@ from ufmjax.models.hf import hidden_states, load_decoder, logits, steered_closur
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "hf"
 VARIANTS = ["gpt2", "llama", "llama3_tied", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_mm", "llama_bf16"]
+
+
+@functools.lru_cache(maxsize=None)
+def _probs_fn(fn):
+    """Steered next-token probabilities at every alpha of a grid, one compiled call."""
+    return jax.jit(jax.vmap(lambda params, a: jax.nn.softmax(fn(params, a)), in_axes=(None, 0)))
 
 
 def compare_with_reference(folder, dtype=None) -> dict:
@@ -35,8 +42,8 @@ def compare_with_reference(folder, dtype=None) -> dict:
         w = 0.0
         for li, layer in enumerate(ref["steer_layers"]):
             st = steered_closure(model, prompts, ref["vector"], int(layer), positions)
-            for ai, a in enumerate(ref["alphas"]):
-                p = np.asarray(jax.nn.softmax(st.fn(st.params, jnp.float32(a))), np.float64)
+            probs = np.asarray(_probs_fn(st.fn)(st.params, jnp.asarray(ref["alphas"], jnp.float32)), np.float64)
+            for ai, p in enumerate(probs):
                 for i in range(n):
                     w = max(w, np.abs(p[i] - ref[f"steered_{positions}_{i}"][li, ai]).max())
         worst[f"steered_{positions}"] = w
@@ -60,12 +67,13 @@ def test_batched_prompts_equal_one_at_a_time():
     batch = logits(model, prompts)
     for i, p in enumerate(prompts):
         np.testing.assert_allclose(logits(model, [p])[0], batch[i], atol=2e-6)
+    a = jnp.asarray([3.0], jnp.float32)
     for positions in ("all", "last"):
         st = steered_closure(model, prompts, ref["vector"], 2, positions)
-        y = np.asarray(st.fn(st.params, jnp.float32(3.0)))
+        y = np.asarray(_probs_fn(st.fn)(st.params, a))[0]
         for i, p in enumerate(prompts):
             one = steered_closure(model, [p], ref["vector"], 2, positions)
-            np.testing.assert_allclose(np.asarray(one.fn(one.params, jnp.float32(3.0)))[0], y[i], atol=2e-5)
+            np.testing.assert_allclose(np.asarray(_probs_fn(one.fn)(one.params, a))[0, 0], y[i], atol=1e-6)
 
 
 def test_bfloat16_checkpoint_keeps_its_dtype_and_agrees_within_rounding():
@@ -98,9 +106,8 @@ def test_kernel_derivatives_equal_central_differences(x64):
     for positions in ("all", "last"):
         st = steered_closure(model, prompts, ref["vector"], 1, positions, dtype=jnp.float64)
         kw = dict(concept_of=concept_of, dtype=jnp.float64, tokens=np.arange(6))
-        out = sweep(st, alphas, **kw)
-        plus = sweep(st, alphas + h, derivatives=0, **kw)
-        minus = sweep(st, alphas - h, derivatives=0, **kw)
+        # one compiled shape for the three grids
+        out, plus, minus = (sweep(st, a, chunk_size=3, **kw) for a in (alphas, alphas + h, alphas - h))
         for q in ("delta_p", "concept_prob", "delta_ce", "kl", "entropy"):
             fd1 = (plus[q] - minus[q]) / (2 * h)
             fd2 = (plus[q] - 2 * out[q] + minus[q]) / h ** 2

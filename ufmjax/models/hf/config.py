@@ -144,7 +144,8 @@ class _Reader:
     def refuse_unread(self, ignored):
         """Refuse any key that looks like it changes the maths and that nothing read."""
         for key in sorted(self.cfg):
-            if key in self.used or key in ignored or self.cfg[key] in (None, False, [], {}):
+            value = self.cfg[key]
+            if key in self.used or key in ignored or value is None or value is False or value in ([], {}):
                 continue
             if any(w in key.lower() for w in MATHS_WORDS):
                 raise ConfigError(f"--hf: {self.where}: field {key}={self.cfg[key]!r} changes the model and "

@@ -117,7 +117,11 @@ def load_decoder(folder, dtype: str | None = None, put=None) -> Decoder:
     folder = Path(folder)
     spec = load_spec(folder)
     put = put or (lambda x, key: jax.device_put(x))
-    with Checkpoint(folder) as ck:
+    try:
+        ck = Checkpoint(folder)
+    except CheckpointError as e:  # name the option: the reader only knows files
+        raise CheckpointError(f"--hf: {e}") from None
+    with ck:
         names = _names_gpt2(spec, _prefix(ck, "wte.weight")) if spec.family == "gpt2" else \
             _names_rope(spec, _prefix(ck, "embed_tokens.weight"))
         if not spec.tied:

@@ -352,6 +352,33 @@ def _forward_fn(graphdef, dtype_name: str):
     return jax.jit(fn)
 
 
+@functools.lru_cache(maxsize=64)
+def _prefix_fn(graphdef, layer: int, dtype_name: str):
+    """The prefix as ONE compiled program per shape: eagerly, each of its few hundred small
+    ops compiles on its own (measured: ~9 s of a first sweep on a tiny model)."""
+    dtype = jnp.dtype(dtype_name)
+    return jax.jit(lambda state, tokens, valid, pos: nnx.merge(graphdef, state).prefix(tokens, valid, pos, layer,
+                                                                                        dtype))
+
+
+@functools.lru_cache(maxsize=32)
+def _hidden_fn(graphdef, dtype_name: str):
+    dtype = jnp.dtype(dtype_name)
+    return jax.jit(lambda state, tokens, valid, pos: nnx.merge(graphdef, state).hidden_states(tokens, valid, pos,
+                                                                                               dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _kv_fn(graphdef, layer: int):
+    return jax.jit(lambda state, h, valid, pos: nnx.merge(graphdef, state).kv_cache(h, valid, pos, layer))
+
+
+def prefix(model: Decoder, tokens, valid, pos, layer: int, dtype=jnp.float32):
+    """`model.prefix`, compiled (memoised on the model's shape, the layer and the dtype)."""
+    graphdef, state = nnx.split(model)
+    return _prefix_fn(graphdef, layer, jnp.dtype(dtype).name)(state, tokens, valid, pos)
+
+
 def logits(model: Decoder, prompts, dtype=jnp.float32) -> list[np.ndarray]:
     """Unsteered logits [T_i, V] of each prompt (one left-padded batch, padding dropped)."""
     tokens, valid, pos = _prepared(model, prompts)
@@ -364,7 +391,8 @@ def logits(model: Decoder, prompts, dtype=jnp.float32) -> list[np.ndarray]:
 def hidden_states(model: Decoder, prompts, dtype=jnp.float32) -> list[np.ndarray]:
     """The residual stream at every layer of each prompt, [L + 1, T_i, D]."""
     tokens, valid, pos = _prepared(model, prompts)
-    hs = np.asarray(model.hidden_states(tokens, valid, pos, dtype))
+    graphdef, state = nnx.split(model)
+    hs = np.asarray(_hidden_fn(graphdef, jnp.dtype(dtype).name)(state, tokens, valid, pos))
     lengths = np.asarray(valid).sum(axis=1)
     return [hs[:, i, hs.shape[2] - n:] for i, n in enumerate(lengths)]
 
@@ -376,7 +404,7 @@ def token_mean_residual(model: Decoder, prompts, layer: int, dtype=jnp.float32, 
     out = []
     for i in range(0, len(prompts), batch):
         tokens, valid, pos = _prepared(model, prompts[i:i + batch])
-        h = np.asarray(model.prefix(tokens, valid, pos, layer, dtype), np.float64)
+        h = np.asarray(prefix(model, tokens, valid, pos, layer, dtype), np.float64)
         m = np.asarray(valid, np.float64)[..., None]
         out.append((h * m).sum(axis=1) / m.sum(axis=1))
     return np.concatenate(out)
@@ -437,13 +465,13 @@ def steered_closure(model: Decoder, prompts, v_D, layer: int, positions: str = "
     if rows == "all" and (positions != "all" or not bool(np.all(np.asarray(valid)))):
         raise ValueError("rows='all' needs positions='all' and prompts of one length")
     v = jnp.asarray(check_vector(model, v_D), dtype)
-    h = model.prefix(tokens, valid, pos, layer, dtype)
+    h = prefix(model, tokens, valid, pos, layer, dtype)
+    graphdef, state = nnx.split(model)
     if positions == "all":
         cache = {"h": h, "valid": valid, "pos": pos}
     else:
-        ks, vs, ms = model.kv_cache(h, valid, pos, layer)
+        ks, vs, ms = _kv_fn(graphdef, layer)(state, h, valid, pos)
         cache = {"x": h[:, -1], "pos_last": pos[:, -1], "k": ks, "v": vs, "m": ms}
-    graphdef, state = nnx.split(model)
     return Steered(_steered_fn(graphdef, layer, positions, rows), dict(cache, model=state, steer=v))
 
 
@@ -465,7 +493,7 @@ def steered_logits_full(model: Decoder, prompts, v_D, layer: int, alphas_A, posi
     mask = valid if positions == "all" else jnp.zeros_like(valid).at[:, -1].set(True)
     out = []
     for a in np.asarray(alphas_A, np.float64).reshape(-1):
-        h = model.prefix(tokens, valid, pos, layer, dtype) + jnp.asarray(a, dtype) * v * mask[..., None].astype(dtype)
+        h = prefix(model, tokens, valid, pos, layer, dtype) + jnp.asarray(a, dtype) * v * mask[..., None].astype(dtype)
         out.append(np.asarray(model.suffix(h, valid, pos, layer))[:, -1])
     return np.stack(out)
 
@@ -473,5 +501,5 @@ def steered_logits_full(model: Decoder, prompts, v_D, layer: int, alphas_A, posi
 def residual_norms(model: Decoder, prompts, layer: int, dtype=jnp.float32) -> np.ndarray:
     """Norms |h^(l)| of every real token's residual at layer l (padding left out)."""
     tokens, valid, pos = _prepared(model, prompts)
-    h = np.asarray(model.prefix(tokens, valid, pos, check_layer(model, layer), dtype), np.float64)
+    h = np.asarray(prefix(model, tokens, valid, pos, check_layer(model, layer), dtype), np.float64)
     return np.linalg.norm(h, axis=-1)[np.asarray(valid)]
