@@ -36,9 +36,9 @@ CHILD = textwrap.dedent(r'''
         spec = sharded.blocks[0].q_w[...].sharding.spec
         report["split"][str(model_devices)] = [str(s) for s in spec]
         for positions in modes:
-            a = sweep(steered_closure(one, prompts, ref["vector"], 1, positions), alphas, concept_of=concept_of,
+            a = sweep(steered_closure(one, prompts, ref["vector"], 1, positions), alphas, concept_of=concept_of, derivatives=1,
                       devices=jax.devices()[:1])
-            b = sweep(steered_closure(sharded, prompts, ref["vector"], 1, positions), alphas,
+            b = sweep(steered_closure(sharded, prompts, ref["vector"], 1, positions), alphas, derivatives=1,
                       concept_of=concept_of)
             worst = max(float(np.abs(np.asarray(a[k], float) - np.asarray(b[k], float)).max())
                         for k in a if k not in ("alphas", "tokens", "concept_of", "weights"))
