@@ -3,6 +3,7 @@
 `import ufmjax as uj` gives the names a notebook needs:
 
     run = uj.load_run("runs/ufm")                      # a UFM or GPT run folder
+    hf = uj.load_hf("path/to/hf/snapshot")             # or a pretrained model (steer(prompts=...))
     st = run.steer(target=0)                           # closure, measure, P, N, vector, meta
     out = uj.sweep(st.steered, alphas, measure=st.measure())
     best = uj.optimize(st.problem(), uj.Objective("budget", budget=0.05))
@@ -33,6 +34,7 @@ _EXPORTS = {
     "Objective": "ufmjax.optimize",
     "Steering": "ufmjax.runs",
     "load_run": "ufmjax.runs",
+    "load_hf": "ufmjax.runs",
     "train_ufm_run": "ufmjax.runs",
     "train_gpt_run": "ufmjax.runs",
     "reference_config": "ufmjax.data",

@@ -5,6 +5,7 @@
 - `folders`: opening a run folder for a configuration, sweep files;
 - `steer`: `Steering`, what `run.steer(...)` returns for every run type;
 - `ufm`, `gpt`: UFM and GPT runs (train, load, steer, sweep);
+- `hf`: a pretrained Hugging Face folder as an `HFRun` (load, steer, sweep);
 - `load`: `load_run`, dispatching on the model a run's config names.
 
 Submodules import their siblings by module path, so there is no import circle; this file
@@ -20,9 +21,9 @@ _EXPORTS = {
     "GPTRun": "gpt", "gpt_sweep": "gpt", "load_gpt_run": "gpt", "scaled_sweep": "gpt", "text_run": "gpt",
     "train_gpt_run": "gpt", "CheckpointError": "io", "RunError": "io", "load_run": "load", "Steering": "steer",
     "TrainConfig": "train", "UFMRun": "ufm", "load_ufm_run": "ufm", "train_ufm_run": "ufm",
-    "ufm_sweep": "ufm",
+    "ufm_sweep": "ufm", "HFRun": "hf", "hf_sweep": "hf", "load_hf": "hf",
 }
-_SUBMODULES = ("folders", "gpt", "io", "load", "progress", "steer", "train", "ufm")
+_SUBMODULES = ("folders", "gpt", "hf", "io", "load", "progress", "steer", "train", "ufm")
 __all__ = sorted(_EXPORTS)
 
 
