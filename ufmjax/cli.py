@@ -222,12 +222,9 @@ HF_ONLY = ("--concept", "--positive", "--negative", "--prompts", "--concept-word
            "--ce-text", "--vector", "--weights-dtype", "--model-devices")
 
 
-def _hf_steering(args, dtype):
-    """(HFRun, Steering, Inputs) of `--hf DIR` and its input files; every file is read and
-    checked before the model is loaded."""
-    if args.target is not None:
-        raise ValueError("--target applies to run folders; give the concept of an --hf model with "
-                         "--concept, --concept-words or --concept-regex")
+def _hf_inputs(args):
+    """(Inputs, weight placement) of the --hf options: every input file is read and checked
+    here, before any model is loaded; --model-devices gives a sharded placement."""
     inputs = hf_runs.read_inputs(concept=args.concept, positive=args.positive, negative=args.negative,
                                  prompts=args.prompts, concept_words=args.concept_words,
                                  concept_regex=args.concept_regex, ce_text=args.ce_text, vector=args.vector)
@@ -236,6 +233,16 @@ def _hf_steering(args, dtype):
         from ufmjax.models.hf.shard import model_mesh, sharded_put
 
         put = sharded_put(model_mesh(args.model_devices))
+    return inputs, put
+
+
+def _hf_steering(args, dtype):
+    """(HFRun, Steering, Inputs) of `--hf DIR` and its input files; every file is read and
+    checked before the model is loaded."""
+    if args.target is not None:
+        raise ValueError("--target applies to run folders; give the concept of an --hf model with "
+                         "--concept, --concept-words or --concept-regex")
+    inputs, put = _hf_inputs(args)
     run = hf_runs.load_hf(args.hf, args.weights_dtype, put)
     st = hf_runs.steer_inputs(run, inputs, layer=args.layer, positions=args.positions or "all", dtype=dtype)
     return run, st, inputs
@@ -395,14 +402,7 @@ def _reproduce_hf(args) -> int:
 
     out = args.out or "results/reproduce_hf"
     layers = _layers(args.layers)
-    inputs = hf_runs.read_inputs(concept=args.concept, positive=args.positive, negative=args.negative,
-                                 prompts=args.prompts, concept_words=args.concept_words,
-                                 concept_regex=args.concept_regex, ce_text=args.ce_text, vector=args.vector)
-    put = None
-    if args.model_devices is not None:
-        from ufmjax.models.hf.shard import model_mesh, sharded_put
-
-        put = sharded_put(model_mesh(args.model_devices))
+    inputs, put = _hf_inputs(args)
     summary = reproduce_hf(out, args.hf, inputs, layers=layers, quick=args.quick, progress=not args.quiet,
                            weights_dtype=args.weights_dtype, put=put)
     print(f"{summary['model_type']}: {summary['passed']}/{summary['total']} laws hold at layers "

@@ -24,11 +24,8 @@ import numpy as np
 from flax import nnx
 
 from ufmjax.analysis.gpt_probes import (
-    LOCAL_UFM_KL,
     PRESENCE_THRESHOLD,
     concept_presence,
-    grid_extras,
-    refine_validity_range,
     scaled_grid,
     summarize_sweep,
 )
@@ -50,7 +47,7 @@ from ufmjax.models.gpt import (
 )
 from ufmjax.runs import io
 from ufmjax.runs.folders import check_finished, open_run, versions
-from ufmjax.runs.steer import Steering, check_ce_against
+from ufmjax.runs.steer import Steering, add_probes, add_text_ce, check_ce_against
 from ufmjax.runs.train import TrainConfig, restore_model, train
 from ufmjax.runs.ufm import int_target
 from ufmjax.steering import diff_of_means
@@ -69,7 +66,6 @@ TEXT_ROWS = 64       # held-out prompts of a text sweep
 TEXT_CE_PROMPTS = 16 # held-out prompts whose every position enters the all-positions CE
 PRESENCE_POINTS = 21 # alphas of the sampled-presence subgrid
 PRESENCE_SAMPLES = 64  # generations per alpha (the sweep's prompts, cycled)
-LIMIT_PROBE = 1e4      # Prop. 4.1 is also probed at alpha = ±1e4, beyond any grid
 
 
 # ---------------------------------------------------------------- training
@@ -424,39 +420,17 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
 
 
 def _add_probes(arrays, meta, model: GPT, st: Steering, alphas, chunk_size, limits: bool, local_ufm: bool) -> None:
-    """Prop. 4.1 and the local UFM along the grid (`analysis.gpt_probes`), into arrays/meta."""
-    dtype, w = st.dtype, arrays["weights"]
-    model_lim = limit_logits(model, st.vector) if limits else np.zeros((2, arrays["probs_base"].shape[1]))
-    ex = grid_extras(st.steered, alphas, model_lim, w, chunk_size, dtype)
-    if limits:
-        probe = np.asarray([-LIMIT_PROBE, LIMIT_PROBE])
-        arrays.update(limit_probe_alphas=probe,
-                      limit_probe_distance=grid_extras(st.steered, probe, model_lim, w, 2, dtype)["limit_distance"],
-                      limit_logits=model_lim, limit_distance=ex["limit_distance"])
-    if local_ufm:
-        lo, hi, censored = refine_validity_range(st.steered, alphas, ex["local_ufm_kl"], weights=w, dtype=dtype,
-                                                 chunk_size=chunk_size)
-        arrays.update(local_ufm_kl=ex["local_ufm_kl"], local_ufm_kl_max=ex["local_ufm_kl_max"],
-                      local_ufm_direction=ex["local_ufm_direction"], local_ufm_range=np.asarray([lo, hi]),
-                      local_ufm_censored=np.asarray(censored))
-        meta["local_ufm_threshold"] = LOCAL_UFM_KL
+    """Prop. 4.1 (the limits LN(+-v) W^T) and the local UFM along the grid, into arrays/meta."""
+    add_probes(arrays, meta, st, alphas, chunk_size, limit_logits(model, st.vector) if limits else None, local_ufm)
 
 
 def _add_text_ce(arrays, meta, run: GPTRun, st: Steering, alphas, derivatives: int) -> None:
     """Sec. 4: CE on held-out text with EVERY position steered; rows = (prompt, position)."""
-    from ufmjax.kernel import sweep
-
     model = run.model
     w = run.source.spaced_windows(text_prompt_len(model) + 1, TEXT_CE_PROMPTS, "val")
     all_pos = steered_closure(model, w[:, :-1], st.vector, st.meta["layer"], "all", rows="all", dtype=st.dtype)
-    tx = sweep(all_pos, alphas, concept_of=st.concept_of, ce_target=w[:, 1:].reshape(-1), tokens=np.asarray([0]),
-               derivatives=derivatives, dtype=st.dtype, chunk_size=gpt_chunk_size(model, w.shape[0], w.shape[1] - 1))
-    arrays["text_delta_ce"] = tx["delta_ce"]
-    arrays["text_kl"] = tx["kl"].mean(axis=1)
-    arrays["text_concept_prob"] = tx["concept_prob"][:, :, st.target].mean(axis=1)
-    for prefix in ("d_", "d2_")[:derivatives]:
-        arrays[prefix + "text_delta_ce"] = tx[prefix + "delta_ce"]
-    meta["text_ce_rows"] = int(w.shape[0] * (w.shape[1] - 1))
+    add_text_ce(arrays, meta, st, all_pos, w[:, 1:].reshape(-1), alphas, derivatives,
+                gpt_chunk_size(model, w.shape[0], w.shape[1] - 1))
 
 
 def text_run(root, layers: int, *, steps: int | None = None, progress: bool = True) -> GPTRun:

@@ -22,7 +22,6 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ufmjax.analysis.gpt_probes import LOCAL_UFM_KL, grid_extras, refine_validity_range
 from ufmjax.data.concept_tokens import (
     concept_files,
     concept_of_tokens,
@@ -31,7 +30,7 @@ from ufmjax.data.concept_tokens import (
     word_concept,
 )
 from ufmjax.data.prompts import InputError, read_text, read_texts, read_words
-from ufmjax.kernel import check_alphas, sweep
+from ufmjax.kernel import check_alphas
 from ufmjax.models.hf.config import Spec
 from ufmjax.models.hf.load import load_decoder
 from ufmjax.models.hf.model import (
@@ -45,11 +44,10 @@ from ufmjax.models.hf.model import (
 )
 from ufmjax.models.hf.tokenizer import HFTokenizer, encode_texts, load_tokenizer
 from ufmjax.runs.folders import versions
-from ufmjax.runs.steer import Steering
+from ufmjax.runs.steer import Steering, add_probes, add_text_ce
 
 TEXT_WINDOWS = 8       # held-out windows whose every position enters the text Delta CE
 TEXT_WINDOW = 32       # tokens per window
-LIMIT_PROBE = 1e4      # Prop. 4.1 also probed at alpha = +-1e4
 
 
 @dataclass
@@ -278,35 +276,15 @@ def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_
     arrays["token_strs"] = np.asarray(run.token_strs())[arrays["tokens"]]  # decoded tracked tokens
     meta: dict[str, Any] = {**st.meta, "dtype": str(st.dtype), "derivatives": derivatives, "top_k_at": top_k_at,
                             "versions": versions()}
-    dtype, w = st.dtype, arrays["weights"]
     if limits or local_ufm:
-        lim = limit_logits(run.model, st.vector, dtype) if limits else np.zeros((2, run.spec.vocab))
-        ex = grid_extras(st.steered, alphas, lim, w, chunk, dtype)
-        if limits:
-            probe = np.asarray([-LIMIT_PROBE, LIMIT_PROBE])
-            arrays.update(limit_logits=lim, limit_distance=ex["limit_distance"], limit_probe_alphas=probe,
-                          limit_probe_distance=grid_extras(st.steered, probe, lim, w, 2, dtype)["limit_distance"])
-        if local_ufm:
-            lo, hi, censored = refine_validity_range(st.steered, alphas, ex["local_ufm_kl"], weights=w, dtype=dtype,
-                                                     chunk_size=chunk)
-            arrays.update(local_ufm_kl=ex["local_ufm_kl"], local_ufm_kl_max=ex["local_ufm_kl_max"],
-                          local_ufm_direction=ex["local_ufm_direction"], local_ufm_range=np.asarray([lo, hi]),
-                          local_ufm_censored=np.asarray(censored))
-            meta["local_ufm_threshold"] = LOCAL_UFM_KL
+        add_probes(arrays, meta, st, alphas, chunk, limit_logits(run.model, st.vector, st.dtype) if limits else None,
+                   local_ufm)
     if ce_text is not None:
         win = text_windows(run, ce_text)
         all_pos = steered_closure(run.model, list(win[:, :-1]), st.vector, st.meta["layer"], "all", rows="all",
-                                  dtype=dtype)
-        tx = sweep(all_pos, alphas, concept_of=st.concept_of, ce_target=win[:, 1:].reshape(-1),
-                   tokens=np.asarray([0]), derivatives=derivatives, dtype=dtype,
-                   chunk_size=hf_chunk_size(run.spec, win.shape[0], win.shape[1] - 1) if chunk_size is None
-                   else chunk_size)
-        arrays["text_delta_ce"] = tx["delta_ce"]
-        arrays["text_kl"] = tx["kl"].mean(axis=1)
-        arrays["text_concept_prob"] = tx["concept_prob"][:, :, st.target].mean(axis=1)
-        for prefix in ("d_", "d2_")[:derivatives]:
-            arrays[prefix + "text_delta_ce"] = tx[prefix + "delta_ce"]
+                                  dtype=st.dtype)
+        add_text_ce(arrays, meta, st, all_pos, win[:, 1:].reshape(-1), alphas, derivatives,
+                    hf_chunk_size(run.spec, win.shape[0], win.shape[1] - 1) if chunk_size is None else chunk_size)
         arrays["text_windows"] = win
-        meta["text_ce_rows"] = int(win.shape[0] * (win.shape[1] - 1))
     meta["seconds"] = time.perf_counter() - t0
     return arrays, meta
