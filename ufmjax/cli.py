@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from ufmjax.data import DataConfig, TextConfig
 from ufmjax.kernel import parse_alphas
+from ufmjax.models.hf.config import load_spec
 from ufmjax.optimize import Objective, optimize
 from ufmjax.report import reproduce
 from ufmjax.data.concept_tokens import CONCEPT_NAMES
@@ -180,7 +181,8 @@ def _add_hf_args(p) -> None:
     g.add_argument("--ce-text", default=None, metavar="FILE",
                    help="held-out text for Delta CE with every position steered (default: shipped prose)")
     g.add_argument("--vector", default=None, metavar="FILE", help="a steering vector (.npy or .safetensors)")
-    g.add_argument("--weights-dtype", default=None, choices=["float32", "float16", "bfloat16", "float64"],
+    g.add_argument("--weights-dtype", "--dtype", dest="weights_dtype", default=None,
+                   choices=["float32", "float16", "bfloat16", "float64"],
                    help="cast the weights on loading (default: keep the checkpoint's dtype)")
     g.add_argument("--model-devices", type=int, default=None,
                    help="shard the weights over this many devices (a 'model' mesh axis; default: one device)")
@@ -222,9 +224,26 @@ HF_ONLY = ("--concept", "--positive", "--negative", "--prompts", "--concept-word
            "--ce-text", "--vector", "--weights-dtype", "--model-devices")
 
 
+# Options of run folders that mean nothing for an --hf model, with their defaults.
+RUN_ONLY = {"negatives": "contrastive", "negative_concept": None, "q": None, "seed": 0, "ce_against": "data"}
+
+
 def _hf_inputs(args):
-    """(Inputs, weight placement) of the --hf options: every input file is read and checked
+    """(Inputs, weight placement) of the --hf options: every option and input file is checked
     here, before any model is loaded; --model-devices gives a sharded placement."""
+    given = [k for k, default in RUN_ONLY.items() if getattr(args, k, default) != default]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} applies to run folders, not to --hf models")
+    for name in ("top_k", "chunk_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.weights_dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError("--weights-dtype float64 needs a float64 computation (sweep --float64; optimize's default)")
+    spec = load_spec(args.hf)  # config.json alone: the layer is checked before any weight is read
+    if getattr(args, "layer", None) is not None and not 0 <= args.layer <= spec.layers:
+        raise ValueError(f"--layer must be an integer in [0, {spec.layers}] (0: embedding output, "
+                         f"{spec.layers}: last block's output), got {args.layer}")
     inputs = hf_runs.read_inputs(concept=args.concept, positive=args.positive, negative=args.negative,
                                  prompts=args.prompts, concept_words=args.concept_words,
                                  concept_regex=args.concept_regex, ce_text=args.ce_text, vector=args.vector)
@@ -388,7 +407,8 @@ def cmd_reproduce(args) -> int:
             raise ValueError(f"{given[0]} applies to reproduce --hf only")
     else:
         return _reproduce_hf(args)
-    summary = reproduce(args.out or "results/reproduce", quick=args.quick, force=args.force, progress=not args.quiet)
+    args.out = args.out or "results/reproduce"
+    summary = reproduce(args.out, quick=args.quick, force=args.force, progress=not args.quiet)
     print(f"{summary['passed']}/{summary['total']} laws pass in {summary['seconds']:.0f} s; "
           f"report: {args.out}/report.md")
     if summary["failed_sections"]:
@@ -402,6 +422,8 @@ def _reproduce_hf(args) -> int:
 
     out = args.out or "results/reproduce_hf"
     layers = _layers(args.layers)
+    if layers is not None and (not layers or len(set(layers)) != len(layers)):
+        raise ValueError(f"--layers must list distinct layers, got {args.layers!r}")
     inputs, put = _hf_inputs(args)
     summary = reproduce_hf(out, args.hf, inputs, layers=layers, quick=args.quick, progress=not args.quiet,
                            weights_dtype=args.weights_dtype, put=put)

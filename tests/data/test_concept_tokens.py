@@ -17,12 +17,12 @@ from ufmjax.data.prompts import InputError, read_text, read_texts, read_words
 TOKENS = ["<s>", " happ", "h", " ha", "iness", " Joy", "JOY", " joyful", " the", "", "  ", " Hap", " happyness"]
 
 
-def test_prefix_rule_three_characters_and_case_folding():
+def test_prefix_rule_four_characters_and_case_folding():
     mask = word_concept(TOKENS, ["happy", "Joy "])
     picked = [t for t, m in zip(TOKENS, mask) if m]
-    # " happ" and " Hap" start "happy" (3+ characters); "h" and " ha" are too short to count;
-    # " joyful" is longer than any listed word, " happyness" is not a prefix of one.
-    assert picked == [" happ", " Joy", "JOY", " Hap"]
+    # " happ" starts "happy" (4 characters, 80% of it); "h", " ha" and " Hap" are too short to
+    # count; " joyful" is longer than any listed word, " happyness" is not a prefix of one.
+    assert picked == [" happ", " Joy", "JOY"]
     assert mask.dtype == bool and mask.shape == (len(TOKENS),)
 
 

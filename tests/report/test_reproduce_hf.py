@@ -31,7 +31,7 @@ def test_reproduce_hf_writes_the_law_table_figures_and_sweeps(tmp_path, capsys):
     for name in ("hf_layer1.png", "hf_layers.png"):
         assert (out / "figures" / name).stat().st_size > 10_000
     with np.load(out / "sweeps" / "layer1.npz") as f:
-        assert f["alphas"].size == 61 and f["token_strs"].shape == f["tokens"].shape
+        assert f["alphas"].size == 121 and f["token_strs"].shape == f["tokens"].shape
         assert np.all(np.isfinite(f["text_delta_ce"]))
     assert "laws hold at layers 1" in capsys.readouterr().out
 
@@ -48,3 +48,16 @@ def test_reproduce_hf_refuses_a_layer_out_of_range_before_writing(tmp_path, caps
 def test_hf_options_are_refused_without_hf(tmp_path, capsys):
     assert main(["reproduce", "--layers", "1", "--out", str(tmp_path / "r")]) == 2
     assert "--layers" in capsys.readouterr().err
+
+
+def test_reproduce_hf_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
+    """A user error is refused before any layer runs (not reported as a layer that failed)."""
+    v = tmp_path / "v.npy"
+    np.save(v, np.ones(7))  # the model's width is 32
+    out = tmp_path / "rep"
+    code = main(["reproduce", "--hf", str(FIXTURE), "--concept", "evil", "--concept-regex", "river",
+                 "--vector", str(v), "--layers", "1", "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--vector" in err[0]
+    assert not out.exists()

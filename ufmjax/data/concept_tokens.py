@@ -7,12 +7,13 @@ The theory measures the probability mass a steered model puts on a concept, a se
 in one of two ways, both applied to each token's string decoded alone:
 
 - a word list (`word_concept`): token j is in the concept when its string, stripped and
-  case-folded, is non-empty and either equals a listed word or is a prefix, of at least
-  `MIN_PREFIX` = 3 characters, of a listed word. Sub-word tokenizers split a rare word into
-  pieces, and the first piece (" happ" of "happy") is the token the model must emit to start
-  the word, so prefixes count. Shorter prefixes do not: a single letter (or two) starts half
-  the dictionary, and would put most of the vocabulary in the concept. A listed phrase is
-  matched as one string, so its first word's prefixes count too; prefer single words.
+  case-folded, is non-empty and either equals a listed word or is a prefix of one at least
+  `MIN_PREFIX` = 4 characters and `PREFIX_SHARE` = 60% of the word long. Sub-word tokenizers
+  split a rare word into pieces, and the first piece (" happ" of "happy") is the token the
+  model must emit to start the word, so prefixes count. Short prefixes do not: "del", "dev"
+  or "sin" (of delight, devil, sinister) are also the first pieces of delete, device and
+  since, and would put ordinary words in the concept. A listed phrase is matched as one
+  string, so its first word's prefixes count too; prefer single words.
 - a regular expression (`regex_concept`): token j is in the concept when the pattern fully
   matches its string with surrounding whitespace stripped (`re.fullmatch`), tokens that are
   only whitespace excluded. Matching is case-sensitive; start the pattern with `(?i)` for
@@ -30,6 +31,7 @@ held-out prose for the cross-entropy cost. All were written for ufmjax.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -37,7 +39,8 @@ import numpy as np
 
 from ufmjax.data.prompts import InputError, read_text
 
-MIN_PREFIX = 3
+MIN_PREFIX = 4
+PREFIX_SHARE = 0.6
 CONCEPT_NAMES = ("joy", "evil", "uppercase")
 CONCEPTS_DIR = Path(__file__).parent / "hf_concepts"
 
@@ -47,7 +50,8 @@ def _where(name: str, source) -> str:
 
 
 def word_concept(token_strs: list[str], words, name: str = "--concept-words", *, source=None) -> np.ndarray:
-    """[V] bool: the tokens whose string is a listed word or a prefix (>= 3 characters) of one.
+    """[V] bool: the tokens whose string is a listed word or a long enough prefix of one (>= 4
+    characters and >= 60% of the word).
 
     Args:
       token_strs: [V] each token's string decoded alone.
@@ -60,11 +64,11 @@ def word_concept(token_strs: list[str], words, name: str = "--concept-words", *,
     if not words:
         raise InputError(f"{where}: no word given")
     exact = set(words)
-    prefixes = {w[:k] for w in words for k in range(MIN_PREFIX, len(w) + 1)}
+    prefixes = {w[:k] for w in words for k in range(max(MIN_PREFIX, math.ceil(PREFIX_SHARE * len(w))), len(w) + 1)}
     mask = np.zeros(len(token_strs), dtype=bool)
     for j, s in enumerate(token_strs):
         t = s.strip().casefold()
-        mask[j] = bool(t) and (t in exact or (len(t) >= MIN_PREFIX and t in prefixes))
+        mask[j] = bool(t) and (t in exact or t in prefixes)
     if not mask.any():
         examples = ", ".join(words[:3])
         raise InputError(f"{where}: no token of the vocabulary matches any of the {len(words)} words "

@@ -401,7 +401,7 @@ def hf_layer_section(out: Path, run, inputs, layer: int, quick: bool, ce_text: s
 
     sec = Section(f"layer {layer} of {run.spec.layers}")
     st = steer_inputs(run, inputs, layer=layer)
-    alphas = hf_scaled_grid(run, st, num=61 if quick else 201)
+    alphas = hf_scaled_grid(run, st, num=121 if quick else 401)
     scale = float(np.abs(alphas).max() / 50.0)  # alpha of alpha |v| = median |h|
     rows = [r[r >= 0] for r in st.arrays["prompts"]][:8]
     gap, size = 0.0, 0.0
@@ -450,19 +450,24 @@ def reproduce_hf(out, folder, inputs, *, layers=None, quick: bool = False, progr
     A law that does not hold on a model is a finding about that model, reported as such; only a
     section that fails to run makes `all_ran` false.
     """
+    from ufmjax.models.hf.config import load_spec
     from ufmjax.report.hf_figures import hf_layers_figure
-    from ufmjax.runs.hf import default_ce_text, load_hf
+    from ufmjax.runs.hf import default_ce_text, load_hf, steer_inputs, text_windows
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
-    run = load_hf(folder, weights_dtype, put)
-    L = run.spec.layers
+    L = load_spec(folder).layers  # the layers are checked before any weight is read
     layers = default_hf_layers(L) if layers is None else list(layers)
     bad = [x for x in layers if not (isinstance(x, int) and 0 <= x <= L)]
     if bad:
         raise ValueError(f"--layers must be integers in [0, {L}], got {bad[0]!r}")
+    run = load_hf(folder, weights_dtype, put)
     ce_text = inputs.ce_text if inputs.ce_text is not None else default_ce_text()
+    # Every input is checked on the first layer before anything is written: a bad input is a
+    # usage error (exit 2), not a layer that "failed to run".
+    steer_inputs(run, inputs, layer=layers[0])
+    text_windows(run, ce_text)
     out.mkdir(parents=True, exist_ok=True)
     done, results = [], []
     t0 = time.perf_counter()

@@ -31,7 +31,7 @@ from ufmjax.data.concept_tokens import (
 )
 from ufmjax.data.prompts import InputError, read_text, read_texts, read_words
 from ufmjax.kernel import check_alphas
-from ufmjax.models.hf.config import Spec
+from ufmjax.models.hf.config import Spec, load_spec
 from ufmjax.models.hf.load import load_decoder
 from ufmjax.models.hf.model import (
     Decoder,
@@ -79,11 +79,15 @@ class HFRun:
 
     def steering_vector(self, positive, negative, layer: int, dtype=jnp.float32) -> np.ndarray:
         """Eq. 3 on a pretrained model: mean over P of the token-averaged residual at layer l,
-        minus the same over N (padding masked; Sec. 4)."""
+        minus the same over N (padding masked; Sec. 4). Special tokens the tokenizer puts in
+        front of every text (a BOS) are left out of the means: their residual is the same in
+        every prompt and, in Llama or Gemma, far larger than the others, so with prompts of
+        different lengths it would leak into v with weight mean_P 1/len - mean_N 1/len."""
         P = self.encode(positive, "--positive")
         N = self.encode(negative, "--negative")
-        mP = token_mean_residual(self.model, P, layer, dtype)
-        mN = token_mean_residual(self.model, N, layer, dtype)
+        skip = self.tokenizer.special_prefix()
+        mP = token_mean_residual(self.model, P, layer, dtype, skip=skip)
+        mN = token_mean_residual(self.model, N, layer, dtype, skip=skip)
         return mP.mean(axis=0) - mN.mean(axis=0)
 
     def steer(self, *, prompts, positive=None, negative=None, concept_words=None, concept_regex=None,
@@ -134,9 +138,10 @@ def load_hf(folder, dtype: str | None = None, put=None) -> HFRun:
     placement, `models.hf.shard`).
     """
     folder = Path(folder)
-    model = load_decoder(folder, dtype, put)
+    spec = load_spec(folder)  # config and tokenizer are checked before any weight is read
     tok = load_tokenizer(folder)
-    tok.check_vocab(model.spec.vocab)
+    tok.check_vocab(spec.vocab)
+    model = load_decoder(folder, dtype, put)
     return HFRun(folder, model.spec, model, tok)
 
 
@@ -265,6 +270,7 @@ def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_
     M = st.arrays["prompts"].shape[0]
     T = st.arrays["prompts"].shape[1] if st.meta["positions"] == "all" else 1
     chunk = hf_chunk_size(run.spec, M, T) if chunk_size is None else chunk_size
+    win = text_windows(run, ce_text) if ce_text is not None else None  # refused before any sweep
     tokens = None
     if top_k is not None:
         if top_k_at not in ("max", "min"):
@@ -279,8 +285,7 @@ def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_
     if limits or local_ufm:
         add_probes(arrays, meta, st, alphas, chunk, limit_logits(run.model, st.vector, st.dtype) if limits else None,
                    local_ufm)
-    if ce_text is not None:
-        win = text_windows(run, ce_text)
+    if win is not None:
         all_pos = steered_closure(run.model, list(win[:, :-1]), st.vector, st.meta["layer"], "all", rows="all",
                                   dtype=st.dtype)
         add_text_ce(arrays, meta, st, all_pos, win[:, 1:].reshape(-1), alphas, derivatives,

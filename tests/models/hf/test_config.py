@@ -230,3 +230,22 @@ def test_gpt2_spec_switches():
     spec = spec_from_config(fixture_config("gpt2"))
     assert (spec.norm, spec.positions, spec.gated, spec.act) == ("layernorm", "learned", False, "gelu_tanh")
     assert spec.mlp_width == 4 * spec.width  # n_inner null
+
+
+def test_sparse_released_gemma3_4b_config_takes_the_family_defaults():
+    """google/gemma-3-4b-it's config.json lists only a few text_config fields; the rest are
+    transformers' Gemma 3 defaults (8 heads, 4 kv heads, head_dim 256, window pattern 6)."""
+    from ufmjax.models.hf.config import spec_from_config
+
+    cfg = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                           "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024},
+           "vision_config": {"model_type": "siglip_vision_model"}}
+    s = spec_from_config(cfg)
+    assert (s.heads, s.kv_heads, s.head_dim, s.vocab) == (8, 4, 256, 262208)
+    assert s.windows[:6] == (1024,) * 5 + (0,) and s.final_softcap is None and s.act == "gelu_tanh"
+    assert abs(s.attn_scale - 256 ** -0.5) < 1e-12
+    # the global layers' RoPE: theta 1e6 divided by the linear factor 8; local: theta 1e4
+    glob, loc = s.rope_tables[s.rope_of_layer[5]], s.rope_tables[s.rope_of_layer[0]]
+    assert abs(glob[1] - (1e6 ** (-2 / 256)) / 8) < 1e-6 and abs(loc[1] - 1e4 ** (-2 / 256)) < 1e-6  # float32

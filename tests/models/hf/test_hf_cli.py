@@ -281,3 +281,14 @@ def test_hf_only_option_with_a_run_folder(files, tmp_path, capsys, option):
              "--concept-words": files["words"], "--vector": tmp_path / "v.npy"}[option]
     _fails(capsys, ["sweep", str(tmp_path / "dummy_run"), "--target", "0", option, str(value), *ALPHAS,
                     "--out", str(out)], out, option, "--hf")
+
+
+def test_run_folder_options_are_refused_with_hf(tmp_path, capsys):
+    from ufmjax.cli import main
+
+    out = tmp_path / "s.npz"
+    code = main(["sweep", "--hf", str(Path(__file__).resolve().parents[2] / "fixtures" / "hf" / "llama"),
+                 "--concept", "evil", "--negatives", "random", "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--negatives" in err[0] and not out.exists()

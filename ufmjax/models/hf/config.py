@@ -48,6 +48,29 @@ MATHS_WORDS = ("rope", "rotary", "window", "softcap", "scal", "norm", "act", "at
                "residual", "embedding", "bias")
 
 
+# transformers 5.24's defaults for fields a config.json may leave out (released Gemma 3 4B's
+# text_config, for one, lists only five fields); a missing field takes its family's default,
+# never one of another family.
+DEFAULTS = {
+    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+             "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"},
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-6, "sliding_window": 4096},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
+    "qwen3": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
+    "gemma3_text": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "sliding_window": 4096,
+                    "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+                    "tie_word_embeddings": True},
+}
+
+
 class ConfigError(ValueError):
     """A config.json ufmjax cannot implement exactly (one line, names the field and file)."""
 
@@ -222,6 +245,8 @@ def spec_from_config(cfg: dict, where: str = "config.json") -> Spec:
     if model_type not in FAMILIES:
         raise ConfigError(f"--hf: {where}: model_type {model_type!r} is not supported (ufmjax implements "
                           f"{', '.join(sorted(FAMILIES))})")
+    if cfg.get("quantization_config"):
+        raise ConfigError(f"--hf: {where}: quantized checkpoints (quantization_config) are not supported")
     if model_type == "gemma3":  # the multimodal wrapper: its language model
         text = cfg.get("text_config")
         if not isinstance(text, dict):
@@ -230,8 +255,7 @@ def spec_from_config(cfg: dict, where: str = "config.json") -> Spec:
         # transformers' Gemma3ForConditionalGeneration returns lm_head(h) without the final
         # soft-capping its text-only class applies (released Gemma 3 configs set none anyway).
         return dataclasses.replace(spec, model_type="gemma3", final_softcap=None)
-    if cfg.get("quantization_config"):
-        raise ConfigError(f"--hf: {where}: quantized checkpoints (quantization_config) are not supported")
+    cfg = {**DEFAULTS.get(model_type, {}), **cfg}  # absent fields: the family's own defaults
     family = FAMILIES[model_type]
     r = _Reader(cfg, where)
     if family == "gpt2":
@@ -269,7 +293,8 @@ def _rope_decoder(r: _Reader, model_type: str, family: str) -> Spec:
         raise ConfigError(f"--hf: {r.where}: num_key_value_heads={K!r} must divide num_attention_heads={H}")
     E = r.get("head_dim") or D // H
     gemma = family == "gemma3"
-    act_key = "hidden_activation" if gemma and "hidden_activation" in r.cfg else "hidden_act"
+    # Gemma 3 reads hidden_activation only (its hidden_act is ignored by transformers too).
+    act_key = "hidden_activation" if gemma else "hidden_act"
     act = ACTIVATIONS[r.only(act_key, tuple(ACTIVATIONS), "gelu_pytorch_tanh" if gemma else "silu")]
     r.used.update({"hidden_act", "hidden_activation"})
     eps = float(r.get("rms_norm_eps", 1e-6))
@@ -292,8 +317,10 @@ def _rope_decoder(r: _Reader, model_type: str, family: str) -> Spec:
             raise ConfigError(f"--hf: {r.where}: use_sliding_window=True is not supported")
         window = None
         r.used.add("sliding_window")
-    if family == "llama" and model_type == "mistral" and window is not None:
-        layer_types = ["sliding_attention"] * L  # Mistral: every layer, when a window is set
+    if model_type == "llama":  # transformers' Llama has no sliding windows, whatever the config says
+        layer_types, window = ["full_attention"] * L, None
+    if model_type == "mistral":  # every layer slides when a window is set
+        layer_types = ["sliding_attention" if window is not None else "full_attention"] * L
     if "sliding_attention" in layer_types and not (isinstance(window, int) and window >= 1):
         raise ConfigError(f"--hf: {r.where}: sliding layers need a positive sliding_window, got {window!r}")
     windows = tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
@@ -309,14 +336,22 @@ def _rope_decoder(r: _Reader, model_type: str, family: str) -> Spec:
         rope_of_layer = (0,) * L
     r.used.update({"rope_parameters", "rope_theta", "rope_scaling", "rope_local_base_freq"})
 
-    attention_bias = bool(r.get("attention_bias", family == "qwen2"))
-    qkv_bias = attention_bias or family == "qwen2"
-    o_bias = attention_bias and family != "qwen2"
+    # Biases as each family's modeling code builds them: Qwen 2 always has q/k/v biases and no
+    # o bias; Llama, Qwen 3 and Gemma 3 follow attention_bias; Mistral has none; only Llama
+    # reads mlp_bias.
+    attention_bias = bool(r.get("attention_bias", False))
+    if family == "qwen2":
+        qkv_bias, o_bias = True, False
+    elif model_type == "mistral":
+        qkv_bias = o_bias = False
+    else:
+        qkv_bias = o_bias = attention_bias
+    mlp_bias = bool(r.get("mlp_bias", False)) and model_type == "llama"
     spec = Spec(
         model_type, family, vocab=r.need("vocab_size"), width=D, layers=L, heads=H, kv_heads=K, head_dim=int(E),
-        mlp_width=r.need("intermediate_size"), context=int(r.get("max_position_embeddings", 4096)),
+        mlp_width=r.need("intermediate_size"), context=int(r.get("max_position_embeddings")),
         norm="rmsnorm_plus1" if gemma else "rmsnorm", norm_eps=eps, act=act, gated=True, positions="rope",
-        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=bool(r.get("mlp_bias", False)),
+        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias,
         qk_norm=family in ("qwen3", "gemma3"), sandwich=gemma,
         embed_scale=math.sqrt(D) if gemma else None,
         attn_scale=float(r.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else 1.0 / math.sqrt(E),

@@ -397,15 +397,19 @@ def hidden_states(model: Decoder, prompts, dtype=jnp.float32) -> list[np.ndarray
     return [hs[:, i, hs.shape[2] - n:] for i, n in enumerate(lengths)]
 
 
-def token_mean_residual(model: Decoder, prompts, layer: int, dtype=jnp.float32, batch: int = 32) -> np.ndarray:
+def token_mean_residual(model: Decoder, prompts, layer: int, dtype=jnp.float32, batch: int = 32,
+                        skip: int = 0) -> np.ndarray:
     """Residual at layer l averaged over each prompt's own tokens (padding masked) [B, D], the
-    per-prompt term of the paper's difference of means."""
+    per-prompt term of the paper's difference of means; the first `skip` tokens of each
+    prompt (a BOS) are left out of the mean (they still shape the others)."""
     layer = check_layer(model, layer)
     out = []
     for i in range(0, len(prompts), batch):
         tokens, valid, pos = _prepared(model, prompts[i:i + batch])
         h = np.asarray(prefix(model, tokens, valid, pos, layer, dtype), np.float64)
-        m = np.asarray(valid, np.float64)[..., None]
+        m = (np.asarray(valid) & (np.asarray(pos) >= skip)).astype(np.float64)[..., None]
+        if np.any(m.sum(axis=1) == 0):
+            raise ValueError(f"a steering prompt has no token besides the {skip} special token(s) in front")
         out.append((h * m).sum(axis=1) / m.sum(axis=1))
     return np.concatenate(out)
 

@@ -55,6 +55,15 @@ class HFTokenizer:
         V = int(V)
         return self._strs[:V] + [""] * max(0, V - len(self._strs))
 
+    def special_prefix(self) -> int:
+        """How many tokens the post-processor puts in front of every text (1 for a BOS, 0 for
+        GPT-2): the length of the common prefix of the encodings of two unrelated texts."""
+        a, b = self.encode("a"), self.encode("Zq")
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
     def check_vocab(self, embedding_rows: int) -> None:
         """InputError when the tokenizer has more tokens than the model's embedding has rows."""
         if self.vocab_size > int(embedding_rows):
