@@ -30,7 +30,7 @@ CHILD = textwrap.dedent(r'''
     one = load_decoder(folder, put=lambda x, key: jax.device_put(x, jax.devices()[0]))
     concept_of = (np.arange(one.spec.vocab) % 5 == 0).astype(int)
     report = {"devices": len(jax.devices()), "worst": {}, "split": {}}
-    for model_devices, modes in ((8, ("last",)), (4, ("all",))):
+    for model_devices, modes in ((4, ("last",)),):  # a 2 x 4 mesh: both axes, all 8 devices
         mesh = model_mesh(model_devices)
         sharded = load_decoder(folder, put=sharded_put(mesh))
         spec = sharded.blocks[0].q_w[...].sharding.spec
@@ -54,5 +54,5 @@ def test_sharded_weights_equal_one_device():
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8
-    assert report["split"]["8"][0] == "model" and report["split"]["4"][0] == "model"  # q_w split by rows
+    assert report["split"]["4"][0] == "model"  # q_w split by rows
     assert max(report["worst"].values()) < 1e-5, report
