@@ -215,9 +215,14 @@ def _source(args) -> None:
     if args.hf is None:
         if getattr(args, "target", None) is None:
             raise ValueError("--target is required with a run folder")
-        given = [o for o in HF_ONLY if getattr(args, o.lstrip("-").replace("-", "_"), None) is not None]
-        if given:
-            raise ValueError(f"{given[0]} applies to --hf models only")
+        _refuse_given(args, HF_ONLY, "applies to --hf models only")
+
+
+def _refuse_given(args, options, why: str) -> None:
+    """ValueError naming the first of `options` (flags) that was given."""
+    given = [o for o in options if getattr(args, o.lstrip("-").replace("-", "_"), None) is not None]
+    if given:
+        raise ValueError(f"{given[0]} {why}")
 
 
 HF_ONLY = ("--concept", "--positive", "--negative", "--prompts", "--concept-words", "--concept-regex",
@@ -402,9 +407,7 @@ def _layers(text):
 
 def cmd_reproduce(args) -> int:
     if args.hf is None:
-        given = [o for o in HF_ONLY + ("--layers",) if getattr(args, o.lstrip("-").replace("-", "_"), None) is not None]
-        if given:
-            raise ValueError(f"{given[0]} applies to reproduce --hf only")
+        _refuse_given(args, HF_ONLY + ("--layers",), "applies to reproduce --hf only")
     else:
         return _reproduce_hf(args)
     args.out = args.out or "results/reproduce"

@@ -12,6 +12,7 @@ from ufmjax.analysis.gpt_probes import (
     local_ufm,
     refine_validity_range,
     scaled_grid,
+    sinh_grid,
     summarize_sweep,
     tanh_fit,
     validity_range,
@@ -20,5 +21,5 @@ from ufmjax.analysis.peaks import find_peaks
 
 __all__ = [
     "LOCAL_UFM_KL", "bump_stats", "concept_presence", "find_peaks", "grid_extras", "local_ufm",
-    "refine_validity_range", "scaled_grid", "summarize_sweep", "tanh_fit", "validity_range",
+    "refine_validity_range", "scaled_grid", "sinh_grid", "summarize_sweep", "tanh_fit", "validity_range",
 ]

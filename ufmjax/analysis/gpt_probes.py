@@ -256,7 +256,13 @@ def scaled_grid(model: GPT, prompts, v_D, layer: int, reach: float = 50.0, num: 
     residual stream at layer l over the prompts' positions): alpha = s sinh(t), t uniform, so
     the bumps near 0 and the Prop. 4.1 plateau are both resolved."""
     h = residual(model, prompts, layer)
-    s = float(np.median(np.linalg.norm(h, axis=-1)) / max(np.linalg.norm(v_D), 1e-12))
+    return sinh_grid(float(np.median(np.linalg.norm(h, axis=-1))), float(np.linalg.norm(v_D)), reach, num)
+
+
+def sinh_grid(h_norm: float, v_norm: float, reach: float, num: int) -> np.ndarray:
+    """alpha = s sinh(t), t uniform, s = h_norm / |v|: dense near 0, reaching alpha |v| =
+    reach * h_norm (the grid of `scaled_grid`, for any model that gives the two norms)."""
+    s = h_norm / max(v_norm, 1e-12)
     t = np.linspace(-np.arcsinh(reach), np.arcsinh(reach), num)
     return s * np.sinh(t)
 

@@ -392,7 +392,8 @@ def default_hf_layers(num_layers: int) -> list[int]:
     return sorted({max(1, num_layers // 4), -(-num_layers // 2), num_layers})
 
 
-def hf_layer_section(out: Path, run, inputs, layer: int, quick: bool, ce_text: str) -> tuple[Section, dict]:
+def hf_layer_section(out: Path, run, inputs, layer: int, quick: bool, ce_text: str,
+                     st=None) -> tuple[Section, dict]:
     """Sec. 4's checks on one layer of a pretrained model; its figure. Returns (section, result)."""
     from ufmjax.models.hf import steered_closure as hf_closure
     from ufmjax.models.hf import steered_logits_full as hf_full
@@ -400,7 +401,7 @@ def hf_layer_section(out: Path, run, inputs, layer: int, quick: bool, ce_text: s
     from ufmjax.runs.hf import hf_scaled_grid, hf_sweep, steer_inputs
 
     sec = Section(f"layer {layer} of {run.spec.layers}")
-    st = steer_inputs(run, inputs, layer=layer)
+    st = steer_inputs(run, inputs, layer=layer) if st is None else st
     alphas = hf_scaled_grid(run, st, num=121 if quick else 401)
     scale = float(np.abs(alphas).max() / 50.0)  # alpha of alpha |v| = median |h|
     rows = [r[r >= 0] for r in st.arrays["prompts"]][:8]
@@ -466,7 +467,7 @@ def reproduce_hf(out, folder, inputs, *, layers=None, quick: bool = False, progr
     ce_text = inputs.ce_text if inputs.ce_text is not None else default_ce_text()
     # Every input is checked on the first layer before anything is written: a bad input is a
     # usage error (exit 2), not a layer that "failed to run".
-    steer_inputs(run, inputs, layer=layers[0])
+    first = steer_inputs(run, inputs, layer=layers[0])  # reused by the first layer's section
     text_windows(run, ce_text)
     out.mkdir(parents=True, exist_ok=True)
     done, results = [], []
@@ -474,7 +475,8 @@ def reproduce_hf(out, folder, inputs, *, layers=None, quick: bool = False, progr
     for layer in layers:
         t = time.perf_counter()
         try:
-            sec, res = hf_layer_section(out, run, inputs, layer, quick, ce_text)
+            sec, res = hf_layer_section(out, run, inputs, layer, quick, ce_text,
+                                        first if layer == layers[0] else None)
             results.append(res)
         except Exception:  # noqa: BLE001 - a failing layer is reported, the others still run
             sec = Section(f"layer {layer} of {L}", error=traceback.format_exc(limit=4))

@@ -22,6 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from ufmjax.analysis.gpt_probes import sinh_grid
 from ufmjax.data.concept_tokens import (
     concept_files,
     concept_of_tokens,
@@ -231,9 +232,7 @@ def hf_scaled_grid(run: HFRun, st: Steering, reach: float = 50.0, num: int = 401
     `scaled_grid` for a GPT): alpha = s sinh(t), t uniform."""
     rows = [r[r >= 0] for r in st.arrays["prompts"]]
     h = residual_norms(run.model, rows, st.meta["layer"], st.dtype)
-    s = float(np.median(h) / max(np.linalg.norm(st.vector), 1e-12))
-    t = np.linspace(-np.arcsinh(reach), np.arcsinh(reach), num)
-    return s * np.sinh(t)
+    return sinh_grid(float(np.median(h)), float(np.linalg.norm(st.vector)), reach, num)
 
 
 def hf_chunk_size(spec: Spec, rows: int, positions: int) -> int:
