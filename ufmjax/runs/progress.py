@@ -1,36 +1,120 @@
-"""A dependency-free progress bar on stderr."""
+"""Progress bars on stderr, drawn by `rich.progress` (installed with Flax).
+
+`with Progress(total, desc) as bar: bar.update(n, loss=...)` shows the description, a bar,
+done/total, the rate and the time left. Bars opened while another is open (a training inside
+a `reproduce` section) join the open display as extra lines, since rich draws one live display
+per console; such inner bars disappear when they finish, the outermost stays as a summary line.
+
+A bar is drawn only when stderr is a terminal: logs and pipes stay clean. Set the environment
+variable UFMJAX_PROGRESS=1 to draw them anyway (one final line per bar), or 0 for never.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as _RichProgress
+from rich.text import Text
+
+ENV = "UFMJAX_PROGRESS"
+
+
+class _Rate(ProgressColumn):
+    """Steps per second (or seconds per step when slower than one a second)."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        if not speed:
+            return Text("", style="progress.data.speed")
+        text = f"{speed:.3g}/s" if speed >= 1 else f"{1 / speed:.3g} s/it"
+        return Text(text, style="progress.data.speed")
+
+
+def wanted(enabled: bool, stream=None) -> bool:
+    """Whether a bar is drawn: asked for, and stderr a terminal unless UFMJAX_PROGRESS says."""
+    if not enabled:
+        return False
+    env = os.environ.get(ENV, "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    stream = stream or sys.stderr
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+_display: dict = {}  # the one live rich display per stream: {"progress": ..., "users": n}
+
 
 class Progress:
-    """`with Progress(total, desc) as bar: bar.update(n, loss=...)`; silent when disabled."""
+    """A progress bar for `total` steps; a no-op when not drawn (see `wanted`).
+
+    Args:
+      total: steps expected (at least 1).
+      desc: the label on the left.
+      enabled: False never draws (the library's `progress=False`).
+      stream: where to draw (stderr by default).
+    """
 
     def __init__(self, total: int, desc: str = "", enabled: bool = True, stream=None):
-        self.total, self.desc, self.enabled = max(1, int(total)), desc, enabled
+        self.total, self.desc = max(1, int(total)), desc
         self.stream = stream or sys.stderr
-        self.n, self.t0, self._last = 0, time.perf_counter(), 0.0
+        self.enabled = wanted(enabled, self.stream)
+        self.n, self.t0 = 0, time.perf_counter()
+        self._task = None
+        self._outer = False
 
     def __enter__(self):
+        if not self.enabled:
+            return self
+        key = id(self.stream)
+        if key not in _display:
+            console = Console(file=self.stream, force_terminal=self.stream.isatty() or None)
+            rich = _RichProgress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                                 _Rate(), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[info]}"), console=console, refresh_per_second=5)
+            rich.start()
+            _display[key] = {"progress": rich, "users": 0}
+            self._outer = True
+        entry = _display[key]
+        entry["users"] += 1
+        self._rich = entry["progress"]
+        self._task = self._rich.add_task(self.desc, total=self.total, info="")
         return self
 
     def update(self, n: int = 1, **info) -> None:
+        """Advance by n steps; keyword values are shown after the bar (floats to 4 digits)."""
         self.n += n
-        now = time.perf_counter()
-        if not self.enabled or (now - self._last < 0.2 and self.n < self.total):
+        if self._task is None:
             return
-        self._last = now
-        frac = min(1.0, self.n / self.total)
-        bar = "#" * int(24 * frac)
-        rate = self.n / max(now - self.t0, 1e-9)
-        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
-        self.stream.write(f"\r{self.desc} [{bar:<24}] {self.n}/{self.total} {rate:.1f}/s {extra}   ")
-        self.stream.flush()
+        fields = {}
+        if info:
+            fields["info"] = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in info.items())
+        self._rich.update(self._task, advance=n, **fields)
 
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.stream.write(f"\r{self.desc} done in {time.perf_counter() - self.t0:.1f}s" + " " * 40 + "\n")
-            self.stream.flush()
+    def __exit__(self, exc_type, exc, tb):
+        if self._task is None:
+            return False
+        key = id(self.stream)
+        if exc_type is not None:  # say where it stopped, never "done"
+            why = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+            self._rich.update(self._task, description=f"{self.desc} ({why})")
+        elif not self._outer:
+            self._rich.remove_task(self._task)
+        entry = _display[key]
+        entry["users"] -= 1
+        if self._outer:
+            self._rich.stop()
+            del _display[key]
+        self._task = None
+        return False
