@@ -257,6 +257,12 @@ def test_refusals(ref, x64):
         Problem(problem.steered, concept_of=problem.concept_of, target=3)
     with pytest.raises(ValueError, match="method must be one of"):
         optimize(problem, Objective(), method="bfgs")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        optimize(problem, "minimax")  # a name is an Objective's kind (once an AttributeError)
+    with pytest.raises(ValueError, match="objective must be an Objective"):
+        optimize(problem, 0.1)
+    with pytest.raises(ValueError, match="problem must be a Problem"):
+        optimize("penalised", Objective())
     toy = toy_problem()
     with pytest.raises(ValueError, match="above what any alpha reaches: .* peaks at 0.43"):
         optimize(toy, Objective("level", level=0.445))
@@ -265,6 +271,12 @@ def test_refusals(ref, x64):
     assert toy_F(res.alpha - 1e-6) < 0.43 < toy_F(res.alpha + 1e-6)  # the first crossing
     with pytest.raises(ValueError, match=r"for contexts \[0\]"):
         optimize(toy, Objective("level", level=0.4), per_context=True)
+
+
+def test_an_objective_by_name_is_that_objective(ref):
+    problem, _ = ref
+    by_name, full = optimize(problem, "penalised"), optimize(problem, Objective("penalised"))
+    assert by_name.converged and by_name.alpha == full.alpha and by_name.objective == full.objective
 
 
 def test_non_convergence_is_reported(ref):

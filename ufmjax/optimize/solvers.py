@@ -500,6 +500,12 @@ def optimize(problem: Problem, objective: Objective, *, per_context: bool = Fals
     Returns:
       Result. `converged` is False (with a `message`) when a tolerance was not met.
     """
+    if isinstance(objective, str):  # a bare name takes that objective's defaults
+        objective = Objective(objective)
+    if not isinstance(objective, Objective):
+        raise ValueError(f"objective must be an Objective or one of its kinds' names, got {objective!r}")
+    if not isinstance(problem, Problem):
+        raise ValueError(f"problem must be a Problem (e.g. run.steer(...).problem()), got {type(problem).__name__}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not (is_finite_number(alpha_max) and alpha_max > 0):
