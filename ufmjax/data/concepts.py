@@ -104,6 +104,8 @@ class ConceptData:
             raise ValueError(f"eps must lie in (0, (G-1)/G) = (0, {(G - 1) / G:.4g}), got {eps!r}")
         if config.context_len < 1:
             raise ValueError(f"context_len must be >= 1, got {config.context_len}")
+        if isinstance(config.seed, bool) or not isinstance(config.seed, (int, np.integer)) or config.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {config.seed!r}")  # numpy's own says neither
         s = V // G
         if not 1 <= config.contexts_per_concept <= s ** config.context_len:
             raise ValueError(

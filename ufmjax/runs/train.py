@@ -4,6 +4,11 @@ The model is split once (`nnx.split`) and the step is a pure jitted function of
 (params, optimizer state, batch); the batch of step k comes from `batch_fn(k)`, a function
 of k alone, so a run resumed from a checkpoint at step k replays exactly the steps an
 uninterrupted run would have taken.
+
+Resuming always converges: checkpoints that fail their SHA-256 manifest are moved aside
+(`io.set_aside_unverified`) before the newest verified one is restored, so the steps they held
+can be saved again. Training that diverges stops with `TrainingDiverged` before anything of
+it is saved.
 """
 
 from __future__ import annotations
@@ -11,17 +16,44 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from ufmjax.runs import io
 from ufmjax.runs.progress import Progress
+
+
+# A loss is checked (one device sync) every CHECK_EVERY steps, before each checkpoint and at
+# the end, never every step. It has diverged when it is not finite, or when it exceeds both
+# DIVERGED_FACTOR x its first value and DIVERGED_LOSS: a cross-entropy starts near log V
+# (about 2-6 nats here) and only falls, so a healthy run never comes within orders of
+# magnitude of 1e4 nats, while the factor keeps a loss of a larger scale (a user's loss_fn)
+# from being judged on the absolute bar alone.
+CHECK_EVERY = 100
+DIVERGED_FACTOR = 1e3
+DIVERGED_LOSS = 1e4
+
+
+class TrainingDiverged(RuntimeError):
+    """Training whose loss became non-finite or blew up; nothing of it was saved."""
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """A seed as an int, or ValueError: numpy's generators take non-negative integers only."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def diverged(loss: float, first: float) -> bool:
+    """Whether a loss has diverged from its first value (see CHECK_EVERY)."""
+    return not math.isfinite(loss) or (loss > DIVERGED_FACTOR * abs(first) and loss > DIVERGED_LOSS)
 
 
 @dataclass(frozen=True)
@@ -91,22 +123,34 @@ def train(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Array], cf
       cfg: optimiser and schedule.
       batch_fn: step -> batch (a pytree of arrays); None for full-batch losses (batch=None).
       eval_fn: model -> dict of floats, run every cfg.eval_every steps and at the end.
-      run_dir: where checkpoints go; training resumes from its newest verified checkpoint.
+      run_dir: where checkpoints go; training resumes from its newest verified checkpoint, after
+        moving aside (with one warning line) the checkpoints that fail their manifest.
       progress: show a progress bar.
       desc: progress bar label.
       stop_after: stop (as if interrupted) once this many steps are done; for tests.
     Returns:
       TrainResult with the final loss and the evaluation history.
+    Raises:
+      TrainingDiverged: the loss became non-finite or blew up (see `diverged`); no checkpoint
+        is written from that point on.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)
     start, resumed_from = 0, None
-    if run_dir is not None and io.all_steps(run_dir):
-        template = {"params": params, "opt": opt_state, "step": jnp.zeros((), jnp.int32)}
-        start, tree = io.restore_checkpoint(run_dir, template)
-        params, opt_state = tree["params"], tree["opt"]
-        resumed_from = start
+    if run_dir is not None:
+        moved = io.set_aside_unverified(run_dir)
+        good = io.verified_steps(run_dir)
+        if moved:
+            where = ", ".join(repr(str(d)) for _, d in moved)
+            io.warn(f"run folder {str(run_dir)!r}: checkpoints {[s for s, _ in moved]} fail their SHA-256 manifest "
+                    f"(truncated or corrupted); moved aside to {where}; resuming from "
+                    + (f"step {good[0]}" if good else "the start"))
+        if good:
+            template = {"params": params, "opt": opt_state, "step": jnp.zeros((), jnp.int32)}
+            start, tree = io.restore_checkpoint(run_dir, template, good[0])
+            params, opt_state = tree["params"], tree["opt"]
+            resumed_from = start
 
     def loss_of(p, batch):
         return loss_fn(nnx.merge(graphdef, p, rest), batch)
@@ -129,8 +173,17 @@ def train(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Array], cf
             entry.update({k: float(v) for k, v in eval_fn(model).items()})
         history.append(entry)
 
+    def check(step, loss) -> float:
+        value = float(loss)
+        if diverged(value, first):
+            raise TrainingDiverged(
+                f"training diverged at step {step}: loss {value:.4g}, from {first:.4g} at the start; try a "
+                f"smaller --lr than {cfg.lr:g} (with --force to replace this run); no metrics were written")
+        return value
+
     history: list[dict] = []
     loss = jnp.nan
+    first = math.nan
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     t0 = time.perf_counter()
     with Progress(cfg.steps, desc, enabled=progress) as bar:
@@ -139,11 +192,17 @@ def train(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Array], cf
             batch = None if batch_fn is None else batch_fn(step)
             params, opt_state, loss = step_fn(params, opt_state, batch)
             done = step + 1
+            if step == start:
+                first = float(loss)  # the loss before this process's first update
+                if not math.isfinite(first):
+                    check(done, loss)
+            saving = bool(cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps)
+            value = check(done, loss) if done % CHECK_EVERY == 0 or saving or done == end else None
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 evaluate(done, loss)
-            if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:
+            if saving:
                 checkpoint(done)
-            bar.update(1, **({"loss": float(loss)} if done % 100 == 0 else {}))
+            bar.update(1, **({"loss": value} if done % CHECK_EVERY == 0 else {}))
     if end == cfg.steps and start < cfg.steps:
         evaluate(cfg.steps, loss)
         checkpoint(cfg.steps)
@@ -153,12 +212,32 @@ def train(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Array], cf
 
 
 def restore_model(model: nnx.Module, run_dir, step: int | None = None) -> int:
-    """Load the parameters of a run's (newest verified) checkpoint into `model`; returns the step."""
+    """Load the parameters of a run's checkpoint into `model`; returns the step.
+
+    Args:
+      model: a module shaped as the run's model.
+      run_dir: the run folder.
+      step: the step to load; None for a finished run's final step (train.steps, the one its
+        metrics.json describes), or for an unfinished run its newest verified checkpoint.
+    Raises:
+      CheckpointError: the checkpoint is missing or fails its SHA-256 manifest (a finished run's
+        final checkpoint is never replaced by an older one), or cannot be read into `model`.
+    """
     _, params, _ = nnx.split(model, nnx.Param, ...)
     # The optimizer state is saved beside the parameters, so the template holds one too.
-    cfg = io.read_json(Path(run_dir) / io.CONFIG_FILE)
-    tx = make_optimizer(TrainConfig(**cfg["train"]))
-    template = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    cfg = io.load_run_config(run_dir)
+    train_cfg = io.from_config(run_dir, "train", lambda: TrainConfig(**cfg["train"]))
+    if step is None and io.run_finished(run_dir):
+        step = train_cfg.steps
+        if not io.verify_step(run_dir, step):
+            raise io.CheckpointError(
+                f"run folder {str(run_dir)!r}: its final checkpoint (step {step}, the one {io.METRICS_FILE} "
+                f"describes) is missing or fails its SHA-256 manifest (truncated or corrupted); retrain it "
+                f"with --force (ufmjax train ... --force --out {str(run_dir)})")
+    tx = make_optimizer(train_cfg)
+    # Shapes only (eval_shape): running tx.init would compile its ops for every new model shape.
+    template = {"params": params, "opt": jax.eval_shape(tx.init, params),
+                "step": jax.ShapeDtypeStruct((), jnp.int32)}
     step, tree = io.restore_checkpoint(run_dir, template, step)
     nnx.update(model, tree["params"])
     return step
