@@ -116,6 +116,7 @@ def landscape_figure(out_png, problem, objectives, results, level_result, window
     import matplotlib.pyplot as plt
 
     from ufmjax import optimize as opt
+    from ufmjax.report.plots import place_legends
 
     pen, bud, lev = objectives["penalised"], objectives["budget"], objectives["level"]
     alphas = np.linspace(*window, 1601)
@@ -219,7 +220,9 @@ def landscape_figure(out_png, problem, objectives, results, level_result, window
     tw.set_ylabel("ΔCE (nats)", color="C0")
     ax.axvline(a_star, color="C3", ls=":", lw=1)
     fig.suptitle(title)
-    fig.tight_layout()
+    # A layout engine (not a one-off tight_layout) so that legends moved off the data keep room.
+    fig.set_layout_engine("tight")
+    place_legends(fig)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
 
@@ -229,6 +232,8 @@ def per_context_figure(path, problem, adaptive, context_concept, title):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from ufmjax.report.plots import place_legends
 
     fig, axes = plt.subplots(1, len(adaptive), figsize=(5.2 * len(adaptive), 3.8), squeeze=False)
     cc = np.asarray(context_concept) if context_concept is not None else np.zeros(problem.contexts.size, int)
@@ -240,7 +245,8 @@ def per_context_figure(path, problem, adaptive, context_concept, title):
                xlabel="context (colour: its concept)", ylabel="alpha_j")
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.set_layout_engine("tight")
+    place_legends(fig)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -28,6 +28,7 @@ def test_reproduce_hf_writes_the_law_table_figures_and_sweeps(tmp_path, capsys):
     assert cache["passed"] and cache["value"] < 1e-5
     md = (out / "report.md").read_text()
     assert "gpt2" in md and "| law | measured |" in md and "figures/hf_layer1.png" in md
+    assert "issue " not in md.lower() and "THEORY.md" not in md and "[docs/theory.md](" in md
     for name in ("hf_layer1.png", "hf_layers.png"):
         assert (out / "figures" / name).stat().st_size > 10_000
     with np.load(out / "sweeps" / "layer1.npz") as f:

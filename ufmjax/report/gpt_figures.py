@@ -11,13 +11,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from ufmjax.analysis import tanh_fit
-from ufmjax.report.plots import new_figure, save_figure
+from ufmjax.report.plots import new_figure, place_legends, save_figure
 
 
 def fig_a4(run, arrays: dict, summary: dict, path, *, layer: int, positions: str) -> Path:
     """Draw Fig. A.4 from a text GPT's `scaled_sweep` output and write it atomically to `path`."""
+    return save_figure(draw_fig_a4(run, arrays, summary, layer=layer, positions=positions), path, dpi=120)
+
+
+def draw_fig_a4(run, arrays: dict, summary: dict, *, layer: int, positions: str) -> Figure:
+    """Fig. A.4's four panels from a text GPT's `scaled_sweep` output (see `fig_a4`).
+
+    Args:
+      run: the text GPT run (its `source` names the characters, its metrics go in the title).
+      arrays, summary: `scaled_sweep`'s arrays (tracking every token) and summary.
+      layer, positions: where the sweep steered, for the title.
+    Returns:
+      the figure, legends placed where they cover no curve.
+    """
     a = arrays["alphas"]
     chars = run.source.chars
     fig = new_figure((11, 8))
@@ -32,7 +46,9 @@ def fig_a4(run, arrays: dict, summary: dict, path, *, layer: int, positions: str
         ax[0, 0].plot(a, dp[:, tok], "-" if upper else "--", lw=1.2 if upper else 1.0, label=repr(chars[tok]))
     ax[0, 0].set(xscale="asinh", title="(a) Δp: top tokens at max α (—), top unsteered (--)",
                  xlabel="α", ylabel="Δp (mean over prompts)")
-    ax[0, 0].legend(fontsize=7, ncol=3, loc="upper left")
+    # Up to 14 curves fill the panel from edge to edge: no corner is free, so the legend sits
+    # outside, right of the panel, in one column (place_legends checks it hides nothing).
+    ax[0, 0].legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
     F = arrays["concept_prob"][:, :, 0] @ w
     r2, (c0, c1, c2, c3) = tanh_fit(a, F)
@@ -62,4 +78,5 @@ def fig_a4(run, arrays: dict, summary: dict, path, *, layer: int, positions: str
                  f"Python's docs,\nsteered toward uppercase at layer {layer} ({positions} positions); val loss "
                  f"{run.metrics['val_loss']:.3f} vs bigram {run.metrics['bigram_val_loss']:.3f} nats/char",
                  fontsize=10)
-    return save_figure(fig, path, dpi=120)
+    place_legends(fig)
+    return fig

@@ -14,9 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from ufmjax.analysis import tanh_fit
-from ufmjax.report.plots import new_figure, save_figure
+from ufmjax.report.plots import new_figure, place_legends, save_figure
 
 
 def _label(s: str) -> str:
@@ -25,6 +26,19 @@ def _label(s: str) -> str:
 
 def hf_layer_figure(arrays: dict, summary: dict, path, *, title: str) -> Path:
     """Draw one layer's four panels from an `hf_sweep` (with ce_text) and write `path`."""
+    return save_figure(draw_hf_layer(arrays, summary, title=title), path, dpi=110)
+
+
+def draw_hf_layer(arrays: dict, summary: dict, *, title: str) -> Figure:
+    """One layer's four panels (see `hf_layer_figure`).
+
+    Args:
+      arrays: an `hf_sweep` result (with ce_text for the held-out curves).
+      summary: `summarize_sweep` of it (top tokens, local UFM range, quadratic window).
+      title: the figure title.
+    Returns:
+      the figure, legends placed where they cover no curve.
+    """
     a = np.asarray(arrays["alphas"])
     w = np.asarray(arrays["weights"])
     strs = list(np.asarray(arrays["token_strs"]))
@@ -85,11 +99,18 @@ def hf_layer_figure(arrays: dict, summary: dict, path, *, title: str) -> Path:
     tl = twin.get_legend_handles_labels()
     ax[1, 1].legend(lines[0] + tl[0], lines[1] + tl[1], fontsize=8, loc="center right")
     fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path, dpi=110)
+    place_legends(fig)
+    return fig
 
 
 def hf_layers_figure(results: list[dict], path, *, title: str) -> Path:
     """Concept probability and ΔCE against the relative strength alpha |v| / median |h| per layer."""
+    return save_figure(draw_hf_layers(results, title=title), path, dpi=110)
+
+
+def draw_hf_layers(results: list[dict], *, title: str) -> Figure:
+    """The across-layer figure (see `hf_layers_figure`) from `hf_layer_section` results
+    (each with `layer`, `arrays` and `scale`, the alpha of alpha |v| = median |h|)."""
     fig = new_figure((11, 4.2))
     ax = fig.subplots(1, 2)
     for r in results:
@@ -105,4 +126,5 @@ def hf_layers_figure(results: list[dict], path, *, title: str) -> Path:
     for x in ax:
         x.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path, dpi=110)
+    place_legends(fig)
+    return fig

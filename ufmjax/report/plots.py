@@ -12,6 +12,11 @@ Shape legend: A = alphas, M = contexts, V = vocabulary, G = concepts, K = tracke
 Figures are built on `matplotlib.figure.Figure` with an Agg canvas, never through pyplot,
 so importing this module changes no global backend and leaks no open figures; `save_figure`
 writes PNGs atomically (temporary file in the same folder, then rename).
+
+Legends: every figure function ends with `place_legends`, which moves a legend that covers a
+drawn line, marker or text (`legend_overlap`) to a free place, checked after layout; legend
+entries are drawn artists, never style keys that match no line (`legend_orphans`);
+`legend_problems` lists both faults, for tests.
 """
 
 from __future__ import annotations
@@ -21,8 +26,12 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox
 
 from ufmjax.runs import io
 
@@ -49,6 +58,10 @@ STYLE = {
 SLOPE_RTOL = 1e-4
 # Relative departure of ΔCE from its quadratic law that Fig. 5 calls "departed".
 DEPARTURE = 0.10
+# Two token curves closer than this fraction of a panel's largest |Δp| are drawn as one line
+# with one legend entry: at 400 pixels of axes height they are within a pixel anyway (uniform
+# profiles make every token of a concept coincide).
+COINCIDE_RTOL = 1e-3
 
 
 def new_figure(figsize) -> Figure:
@@ -68,6 +81,200 @@ def save_figure(fig: Figure, path, dpi: int = 150) -> Path:
         # The temporary name ends in .tmp: the format must be given, not inferred.
         fig.savefig(tmp, format="png", dpi=dpi, metadata={"Software": None})
     return path
+
+
+# ----------------------------------------------------------------------------- legends
+
+# Where `place_legends` tries an axes legend, in order, before moving it outside the axes.
+LEGEND_LOCS = ("upper left", "upper right", "lower left", "lower right", "center left", "center right",
+               "upper center", "lower center")
+_NO_STYLE = (None, "None", "none", "", " ")
+
+
+def _layout(fig: Figure):
+    """Run the figure's layout engine, so positions are those a save draws; return a renderer."""
+    renderer = fig.canvas.get_renderer()
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        engine.execute(fig)
+    return renderer
+
+
+def _name(artist, ax) -> str:
+    """How a covered artist is reported: its label (or text) and its panel's title."""
+    label = str(artist.get_label() if hasattr(artist, "get_label") else "")
+    if isinstance(artist, Text):
+        label = f"text {artist.get_text()[:30]!r}"
+    elif not label or label.startswith("_"):
+        label = f"unlabelled {type(artist).__name__}"
+    return f"{label} (panel {ax.get_title().splitlines()[0][:40]!r})" if ax.get_title() else label
+
+
+def _covered(box: Bbox, fig: Figure, renderer) -> list[str]:
+    """What is drawn under `box` (display pixels): lines, markers and texts of every axes."""
+    hits = []
+    for ax in fig.axes:
+        # Only the part of the box over this axes counts: lines are clipped to their axes.
+        clip = Bbox.intersection(box, ax.bbox)
+        if clip is None or clip.width <= 0 or clip.height <= 0:
+            continue
+        for line in ax.lines:
+            if not line.get_visible():
+                continue
+            path = line.get_transform().transform_path(line.get_path())
+            hit = line.get_linestyle() not in _NO_STYLE and path.intersects_bbox(clip, filled=False)
+            if not hit and line.get_marker() not in _NO_STYLE:
+                r = renderer.points_to_pixels(line.get_markersize()) / 2
+                v = path.vertices
+                hit = bool(np.any((v[:, 0] >= clip.x0 - r) & (v[:, 0] <= clip.x1 + r)
+                                  & (v[:, 1] >= clip.y0 - r) & (v[:, 1] <= clip.y1 + r)))
+            if hit:
+                hits.append(_name(line, ax))
+        for text in ax.texts:
+            if text.get_visible() and text.get_text() and text.get_window_extent(renderer).overlaps(clip):
+                hits.append(_name(text, ax))
+    return hits
+
+
+def legend_overlap(ax, *, layout: bool = True) -> list[str]:
+    """What the legend of `ax` covers: the drawn lines, markers and texts of any axes of its
+    figure that pass under the legend's box, as the figure is laid out when saved.
+
+    Args:
+      ax: an Axes; a figure without a legend on it covers nothing.
+      layout: run the layout engine first (False when the caller just did).
+    Returns:
+      one description per covered artist (its label and panel); empty if the legend hides nothing.
+    """
+    legend = ax.get_legend()
+    if legend is None or not legend.get_visible():
+        return []
+    fig = ax.get_figure(root=True)
+    renderer = _layout(fig) if layout else fig.canvas.get_renderer()
+    return _covered(legend.get_window_extent(renderer), fig, renderer)
+
+
+def _twins(ax) -> list:
+    """`ax` and the axes drawn in its box (twinx / twiny)."""
+    return [a for a in ax.get_figure(root=True).axes if a.bbox.bounds == ax.bbox.bounds]
+
+
+def _make_headroom(ax, legend, renderer) -> bool:
+    """Raise the top of the y range of `ax` and its twins so that their data end below a band
+    as tall as the legend (what Fig. 5 leaves by hand). False if the band would take more than
+    half the panel, where the data would be squeezed: then the legend goes outside instead."""
+    pad = renderer.points_to_pixels(2 * legend.prop.get_size_in_points())
+    band = legend.get_window_extent(renderer).height + pad
+    keep = 1.0 - band / ax.bbox.height  # share of the height left to the data
+    if keep < 0.5:
+        return False
+    for a in _twins(ax):
+        b = a.bbox
+        tops = [b.y0]
+        for line in a.lines:
+            if line.get_visible():
+                v = line.get_transform().transform(np.asarray(line.get_xydata(), float))
+                v = v[np.all(np.isfinite(v), axis=1) & (v[:, 0] >= b.x0) & (v[:, 0] <= b.x1) & (v[:, 1] <= b.y1)]
+                tops += v[:, 1].tolist()
+        top = (max(tops) - b.y0) / b.height  # where the data end now, as a share of the height
+        scale = a.yaxis.get_transform()  # the axis scale (linear, log, asinh): stretch in its space
+        lo, hi = scale.transform(np.asarray(a.get_ylim(), float).reshape(-1, 1)).ravel()
+        new_hi = float(scale.inverted().transform([[lo + (hi - lo) * max(top, 1e-3) / keep]])[0, 0])
+        if np.isfinite(lo) and hi > lo and np.isfinite(new_hi):  # an inverted or degenerate axis stays
+            a.set_ylim(a.get_ylim()[0], new_hi)
+    return True
+
+
+def place_legends(fig: Figure, locs=LEGEND_LOCS) -> None:
+    """Move every axes legend of `fig` that covers data where it covers nothing: the first
+    free location of `locs`; else the top of the panel after raising its y range (and its
+    twins') to leave a band for the legend; else just outside the axes, right side.
+
+    Dense panels have no empty corner and matplotlib's loc="best" then settles for the least
+    covered one; here every choice is checked against every drawn line after layout. Headroom
+    and outside placement change the layout, so the check is repeated (four rounds at most).
+    """
+    headroom: set[int] = set()
+    for _ in range(4):
+        renderer = _layout(fig)
+        changed = False
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            if legend is None or not legend_overlap(ax, layout=False):
+                continue
+            legend.set_bbox_to_anchor(None)
+            for loc in locs:
+                legend.set_loc(loc)
+                if not _covered(legend.get_window_extent(renderer), fig, renderer):
+                    break
+            else:
+                changed = True
+                if id(ax) not in headroom and _make_headroom(ax, legend, renderer):
+                    headroom.add(id(ax))
+                    legend.set_loc("upper left")
+                else:
+                    legend.set_loc("upper left")
+                    legend.set_bbox_to_anchor((1.02, 1.0), transform=ax.transAxes)
+        if not changed:
+            return
+
+
+def _shows_data(artist, ax) -> bool:
+    """Whether a drawn artist puts anything inside its axes' box."""
+    if not artist.get_visible():
+        return False
+    if isinstance(artist, Line2D):
+        v = artist.get_transform().transform(np.asarray(artist.get_xydata(), float))
+        v = v[np.all(np.isfinite(v), axis=1)]
+        b = ax.bbox
+        return bool(np.any((v[:, 0] >= b.x0 - 0.5) & (v[:, 0] <= b.x1 + 0.5)
+                           & (v[:, 1] >= b.y0 - 0.5) & (v[:, 1] <= b.y1 + 0.5)))
+    inter = Bbox.intersection(artist.get_window_extent(), ax.bbox)
+    return inter is not None and inter.width > 0 and inter.height > 0
+
+
+def _same_style(entry, artist) -> bool:
+    """Whether a legend entry's swatch looks like `artist`."""
+    if isinstance(entry, Line2D) and isinstance(artist, Line2D):
+        same = np.allclose(to_rgba(entry.get_color()), to_rgba(artist.get_color()))
+        same &= (entry.get_linestyle() in _NO_STYLE) == (artist.get_linestyle() in _NO_STYLE)
+        same &= entry.get_linestyle() in _NO_STYLE or entry.get_linestyle() == artist.get_linestyle()
+        same &= str(entry.get_marker()) == str(artist.get_marker())
+        if entry.get_marker() not in _NO_STYLE:
+            same &= np.allclose(to_rgba(entry.get_markerfacecolor()), to_rgba(artist.get_markerfacecolor()))
+        return bool(same)
+    if isinstance(entry, Patch) and isinstance(artist, Patch):
+        return bool(np.allclose(to_rgba(entry.get_facecolor()), to_rgba(artist.get_facecolor())))
+    return False
+
+
+def legend_orphans(fig: Figure, *, layout: bool = True) -> list[str]:
+    """Legend entries of `fig` (figure and axes legends) that name nothing drawn: the labels
+    whose swatch (colour, line style, marker) matches no visible line or patch with data inside
+    its axes (after layout, unless `layout` is False because the caller just ran it)."""
+    if layout:
+        _layout(fig)
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    drawn = [(a, ax) for ax in fig.axes for a in (*ax.lines, *ax.patches)]
+    orphans = []
+    for legend in legends:
+        for entry, text in zip(legend.legend_handles, legend.get_texts()):
+            if not any(_same_style(entry, a) and _shows_data(a, ax) for a, ax in drawn):
+                orphans.append(text.get_text())
+    return orphans
+
+
+def legend_problems(fig: Figure) -> list[str]:
+    """Every legend fault of `fig`, for tests: entries that name nothing drawn, and data covered
+    by a legend (axes legends and figure legends)."""
+    renderer = _layout(fig)
+    problems = [f"legend entry {label!r} matches no drawn artist" for label in legend_orphans(fig, layout=False)]
+    for legend in fig.legends:
+        problems += [f"figure legend covers {hit}" for hit in _covered(legend.get_window_extent(renderer), fig,
+                                                                          renderer)]
+    for ax in fig.axes:
+        problems += [f"legend of {ax.get_title()[:40]!r} covers {hit}" for hit in legend_overlap(ax, layout=False)]
+    return problems
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -129,10 +336,11 @@ def _with_subtitle(title: str, subtitle: str | None) -> str:
     return title if not subtitle else f"{title}\n{subtitle}"
 
 
-def _order_text(peaks_V: np.ndarray, is_target_V: np.ndarray, lo: float, hi: float) -> str:
-    """Thm 3.3's peak order in one context, restricted to the drawn range."""
+def _order_text(peaks_V: np.ndarray, is_target_V: np.ndarray, lo: float, hi: float, step: float) -> str:
+    """Thm 3.3's peak order in one context, restricted to peaks inside the drawn range (more
+    than half a grid step from its ends: a token largest at alpha = 0 has no peak in a half)."""
     def inside(x):
-        return x[np.isfinite(x) & (x > lo) & (x < hi)]
+        return x[np.isfinite(x) & (x > lo + 0.5 * step) & (x < hi - 0.5 * step)]
 
     def fmt(x):
         return f"{round(float(x), 3) + 0.0:.3f}"
@@ -147,7 +355,46 @@ def _order_text(peaks_V: np.ndarray, is_target_V: np.ndarray, lo: float, hi: flo
         return f"off-target peaks {span(off)}, no target peak"
     if on.size:
         return f"target peaks {span(on)}, no off-target peak"
-    return "no peak in this range"
+    n_edge = int(np.sum(np.isfinite(peaks_V) & (np.abs(peaks_V) <= 0.5 * step)))
+    return "no peak in this range" + (f" ({n_edge} token{'s' if n_edge > 1 else ''} largest at \u03b1 = 0)"
+                                      if n_edge else "")
+
+
+def _marked_peak(alphas_A, slope_A, a_star: float, lo: float, hi: float, noise: float) -> bool:
+    """Whether a theory peak alpha_(j,z) is a peak of the drawn curve: inside [lo, hi] by more
+    than half a grid step (a maximum at an end is where a monotone piece starts, not a bump),
+    and the kernel's slope turns from + to - within a grid step of it by more than rounding
+    (the test of `ufmjax.analysis.find_peaks`), so a flat curve has none."""
+    step = _grid_step(alphas_A)
+    if not (np.isfinite(a_star) and lo + 0.5 * step < a_star < hi - 0.5 * step):
+        return False
+    near = np.flatnonzero(np.abs(alphas_A - a_star) <= step * (1 + 1e-9))
+    near = np.arange(max(near.min() - 1, 0), min(near.max() + 1, alphas_A.size - 1) + 1) if near.size else near
+    s = slope_A[near]
+    return bool(np.any((s[:-1] > 0) & (s[1:] < 0) & (s[:-1] - s[1:] > noise)))
+
+
+def _coincident_groups(curves_KxN: np.ndarray, tol: float) -> list[list[int]]:
+    """Curves (rows) within tol of each other everywhere, grouped; first members first."""
+    groups: list[list[int]] = []
+    for k in range(curves_KxN.shape[0]):
+        for g in groups:
+            if np.max(np.abs(curves_KxN[k] - curves_KxN[g[0]])) <= tol:
+                g.append(k)
+                break
+        else:
+            groups.append([k])
+    return groups
+
+
+def _tokens_label(zs: list[int], concept_of_V: np.ndarray, target: int) -> str:
+    """Legend label of one drawn curve: its token(s), concept(s), and whether they coincide."""
+    gs = sorted({int(concept_of_V[z]) for z in zs})
+    role = "target, " if gs == [target] else ""
+    concepts = f"concept {gs[0]}" if len(gs) == 1 else "concepts " + ", ".join(map(str, gs))
+    if len(zs) == 1:
+        return f"z={zs[0]} ({concepts}{', target' if role else ''})"
+    return f"z={', '.join(map(str, zs))} ({concepts}, {role}identical curves)"
 
 
 def _slope_zero(a0, a1, d0, d1, s0=None, s1=None) -> float:
@@ -282,7 +529,14 @@ def fig_token_bumps(sweep: dict, peaks_MxV, *, target: int, contexts, sign: int 
       title: figure title (default cites the paper's figure); subtitle: a second line
         (e.g. the model and data).
     Returns:
-      (figure, check_token_bumps numbers plus `contexts_shown` and `n_bumps_shown`).
+      (figure, check_token_bumps numbers plus `contexts_shown`, `n_bumps_shown` (peaks marked),
+      `curves_shown` (the tokens of each drawn curve) and `alpha_window`).
+
+    Tokens whose curves coincide in every panel (within COINCIDE_RTOL of the largest |Δp|, as
+    every token of a concept does under uniform profiles) are drawn once, with one legend entry
+    that names them all. A peak is marked only where the drawn curve has one (`_marked_peak`):
+    strictly inside the window by more than half a grid step, with the kernel's slope turning
+    from + to - there; a token largest at alpha = 0 (the end of either half) has none.
     """
     numbers = check_token_bumps(sweep, peaks_MxV, target=target, sign=sign,
                                 delta_p_theory_AxMxK=delta_p_theory_AxMxK)
@@ -302,39 +556,55 @@ def fig_token_bumps(sweep: dict, peaks_MxV, *, target: int, contexts, sign: int 
     colors = _token_colors(concept_of, target)
     T = concept_of == target
 
+    slope = np.asarray(sweep["d_delta_p"])
+    eps = np.finfo(slope.dtype).eps if np.issubdtype(slope.dtype, np.floating) else np.finfo(np.float64).eps
+    slope = slope.astype(np.float64)
+    step = _grid_step(alphas)
+    # Tokens whose curves coincide in every drawn panel (uniform profiles) are one line, one entry.
+    curves = dp[win][:, contexts, :].transpose(2, 0, 1).reshape(tokens.size, -1)
+    groups = _coincident_groups(curves, COINCIDE_RTOL * max(float(np.abs(curves).max()), 1e-300))
+
     n = len(contexts)
     fig = new_figure((4.6 * n + 1.6, 3.9))
     with matplotlib.rc_context(STYLE):
         axes = np.atleast_1d(fig.subplots(1, n, sharey=False, squeeze=False)[0])
-        shown = 0
+        shown, peak_marker = 0, None
         for ax, j in zip(axes, contexts):
             ax.axhline(0.0, color="0.4", lw=0.6, zorder=0)
-            for k, z in enumerate(tokens):
-                z = int(z)
+            for group in groups:
+                k = group[0]
+                z = int(tokens[k])
                 on = bool(T[z])
+                label = _tokens_label([int(tokens[i]) for i in group], concept_of, target)
                 ax.plot(alphas[win], dp[win, j, k], color=colors[z], ls="-" if on else "--",
-                        lw=1.7 if on else 1.3, label=f"z={z} (concept {concept_of[z]})")
+                        lw=1.7 if on else 1.3, label=label)
                 a_star = peaks[j, z]
-                if np.isfinite(a_star) and lo < a_star < hi and alphas[0] < a_star < alphas[-1]:
+                noise = eps * 1e3 * float(np.abs(slope[:, j, k]).max())
+                if _marked_peak(alphas, slope[:, j, k], a_star, lo, hi, noise):
                     y = np.interp(a_star, alphas, dp[:, j, k])
-                    ax.plot([a_star], [y], "o", ms=5.5, mfc=colors[z], mec="black", mew=0.8, zorder=5)
+                    marker, = ax.plot([a_star], [y], "o", ms=5.5, mfc=colors[z], mec="black", mew=0.8, zorder=5)
+                    peak_marker = marker if peak_marker is None else peak_marker
                     shown += 1
-            order = _order_text(peaks[j], T, lo, hi)
+            order = _order_text(peaks[j], T, lo, hi, step)
             ax.set_xlim(lo, hi)
             ax.set_title(_context_label(sweep, j, target) + "\n" + order)
             ax.set_xlabel(r"steering strength $\alpha$ (dimensionless)")
         axes[0].set_ylabel(r"$\Delta p(z \mid c_j, \alpha)$ (probability)")
+        # Every entry is a drawn line (solid: target-concept tokens, dashed: off-target), and
+        # the peak entry one of the drawn peak markers, so no entry names something not drawn.
         handles, labels = axes[0].get_legend_handles_labels()
-        handles += [Line2D([], [], ls="none", marker="o", ms=5.5, mfc="white", mec="black"),
-                    Line2D([], [], color="0.3", ls="-"), Line2D([], [], color="0.3", ls="--")]
-        labels += [r"peak $\alpha_{(j,z)}$ (Thm 3.3)", "target-concept token", "off-target token"]
+        if peak_marker is not None:
+            handles.append(peak_marker)
+            labels.append(r"peak $\alpha_{(j,z)}$ (Thm 3.3)")
         fig.legend(handles, labels, loc="outside right center", frameon=False)
         side = r"$\alpha \geq 0$" if sign > 0 else r"$\alpha \leq 0$"
         default = (f"Fig. 3 ({PAPER}): token bumps, {side}" if sign > 0
                    else f"Fig. B.1 ({PAPER}): token bumps, negative steering {side}")
         fig.suptitle(_with_subtitle(title or default, subtitle))
+    place_legends(fig)
     numbers["contexts_shown"] = contexts
     numbers["n_bumps_shown"] = shown
+    numbers["curves_shown"] = [[int(tokens[i]) for i in g] for g in groups]
     numbers["alpha_window"] = [lo, hi]
     return fig, numbers
 
@@ -401,21 +671,23 @@ def fig_concept_curves(sweep: dict, tanh_AxMxG, *, target: int, contexts,
             ax.axvline(0.0, color="0.4", lw=0.6, zorder=0)
             for g in range(G):
                 ax.plot(alphas[win], dpc[win, j, g], color=colors[g], lw=2.4 if g == target else 1.8,
-                        label=f"concept {g}" + (" (target)" if g == target else ""))
-                ax.plot(alphas[win], th[win, j, g], color="black", ls=(0, (3, 2)), lw=0.9)
+                        label=f"concept {g}" + (" (target)" if g == target else "") + ", sweep kernel")
+                ax.plot(alphas[win], th[win, j, g], color="black", ls=(0, (3, 2)), lw=0.9,
+                        label="tanh form (Thm 3.6)" if g == 0 else None)
             e = np.max(np.abs(dpc[:, j] - th[:, j]))
             ax.set_xlim(-extent, extent)
             ax.set_title(_context_label(sweep, j, target) + f"\nmax |kernel \u2212 tanh| = {e:.1e}")
             ax.set_xlabel(r"steering strength $\alpha$ (dimensionless)")
         axes[0].set_ylabel(r"$\Delta p(C \mid c_j, \alpha)$ (probability per token)")
+        # Entries are drawn lines only: the kernel's curve per concept, then the tanh form.
         handles, labels = axes[0].get_legend_handles_labels()
-        handles.append(Line2D([], [], color="black", ls=(0, (3, 2)), lw=0.9))
-        labels.append("tanh form (Thm 3.6)")
-        handles.insert(0, Line2D([], [], color="0.3", lw=1.8))
-        labels.insert(0, "sweep kernel")
+        tanh = labels.index("tanh form (Thm 3.6)")
+        handles.append(handles.pop(tanh))
+        labels.append(labels.pop(tanh))
         fig.legend(handles, labels, loc="outside right center", frameon=False)
         fig.suptitle(_with_subtitle(
             title or f"Fig. 4 ({PAPER}): concept curves, kernel vs tanh representation", subtitle))
+    place_legends(fig)
     numbers["contexts_shown"] = contexts
     return fig, numbers
 
@@ -551,4 +823,5 @@ def fig_delta_ce(near: dict, wide: dict | None, curvature: float, *, delta_ce_th
             ax.set_ylabel("ratio (dimensionless)")
             ax.legend(loc="lower center", frameon=False)
         fig.suptitle(_with_subtitle(title or f"Fig. 5 ({PAPER}): cross-entropy cost of steering", subtitle))
+    place_legends(fig)
     return fig, numbers
