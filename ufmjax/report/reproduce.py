@@ -3,11 +3,15 @@
 Each section trains (or reuses) its runs, measures one number per law and compares it with a
 threshold; `report.md` lists, for each law, what was measured, the number and pass/fail, with
 the figures inline. Sections are independent: one that fails is reported, the others still run.
+
+Progress (`ufmjax.runs.progress`): one bar over the sections, one per section whose text names
+the step running (a training, a law check, a sweep, a figure), and the trainings' own bars;
+nothing at all with progress=False.
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -27,6 +31,8 @@ from ufmjax.optimize import Objective, bisect_budget, grid_search, optimize
 from ufmjax.report.figures import check_summary, ufm_figures
 from ufmjax.report.gpt_figures import fig_a4
 from ufmjax.runs import io, load_gpt_run, load_run, scaled_sweep, text_run, train_gpt_run, train_ufm_run, versions
+from ufmjax.runs.folders import clear_run_dirs
+from ufmjax.runs.progress import Progress
 
 
 @dataclass
@@ -66,6 +72,14 @@ def _rel(a, b) -> float:
 def ufm_section(out: Path, quick: bool, progress: bool) -> Section:
     """Every UFM law of docs/theory.md, on the reference point and on a non-uniform dataset."""
     sec = Section("UFM (Sec. 3)")
+    # 2 trainings, 4 law checks (2 runs x 2 kinds of negatives), 2 figure sets.
+    with Progress(8, sec.title, enabled=progress) as bar:
+        return _ufm_laws(sec, out, quick, progress, bar)
+
+
+def _ufm_laws(sec: Section, out: Path, quick: bool, progress: bool, bar: Progress) -> Section:
+    """ufm_section's work, each step named beside the section's progress bar."""
+    bar.update(0, step="training the reference UFM")
     ref_metrics = train_ufm_run(out / "runs" / "ufm_ref", reference_config(), progress=progress)
     sec.check("Def. 2.2 / Assumption 2: the UFM reaches the data entropy",
               "CE - entropy on V=9, G=3, eps=0.05 (nats)", ref_metrics["gap"], "< 1e-4",
@@ -75,8 +89,10 @@ def ufm_section(out: Path, quick: bool, progress: bool) -> Section:
               abs(ref_metrics["entropy"] - 1.33178) < 5e-6)
     sec.notes.append(f"reference UFM: final CE {ref_metrics['final_ce']:.7f} nats, entropy "
                      f"{ref_metrics['entropy']:.7f} nats, trained in {ref_metrics['seconds']:.1f} s")
+    bar.update(1, step="training the Dirichlet-profile UFM")
     train_ufm_run(out / "runs" / "ufm_profiled", dirichlet_config(), progress=progress)
     runs = {"reference": load_run(out / "runs" / "ufm_ref"), "profiled": load_run(out / "runs" / "ufm_profiled")}
+    bar.update(1)
 
     alphas = np.linspace(-60, 60, 241 if quick else 1025)
     worst = {k: 0.0 for k in ("b3", "b5", "b5_2", "eq12", "tanh", "ce1", "ce2", "peaks", "limits")}
@@ -86,6 +102,7 @@ def ufm_section(out: Path, quick: bool, progress: bool) -> Section:
         for name, run in runs.items():
             data = run.data
             for negatives in ("contrastive", "random"):
+                bar.update(0, step=f"laws: {name} UFM, {negatives} N")
                 target = 0
                 st = run.steer(target, negatives, seed=1, dtype=jnp.float64)
                 P, N, steered = st.P, st.N, st.steered
@@ -152,6 +169,7 @@ def ufm_section(out: Path, quick: bool, progress: bool) -> Section:
                 c = theory.ce_curvature(p0, M, data.pi)
                 curv_err = max(curv_err, abs(at0["d2_delta_ce"][0] - c) / c)
                 quad_err = max(quad_err, abs(at0["delta_ce"][1] - 0.5 * c * 1e-4) / (0.5 * c * 1e-4))
+                bar.update(1)
 
     sec.check("Lemma B.4: sign separation", "M(z) > 0 exactly on the target concept (4 cases)",
               float(separated), "= 1", separated)
@@ -191,21 +209,32 @@ def ufm_section(out: Path, quick: bool, progress: bool) -> Section:
 
     # Figs. 3, B.1, 4, 5, and the numbers each figure checks (float32, as a user runs it).
     for name in ("reference", "profiled"):
+        bar.update(0, step=f"figures: {name} UFM")
         info = ufm_figures(runs[name], out / "figures" / f"ufm_{name}", target=0)
+        bar.update(1)
         sec.figures += [str(Path(p).relative_to(out)) for p in info["figures"]]
-        failed = [k for k, ok in check_summary(info, float64=False).items() if not ok]
-        sec.check(f"Figures ({name}): every figure check of ufmjax.report.figures", "failed checks: "
-                  + (", ".join(failed) if failed else "none"), len(failed), "= 0", not failed)
+        checks = check_summary(info, float64=False)
+        failed = [k for k, ok in checks.items() if not ok]
+        sec.check(f"Figs. 3, B.1, 4, 5 ({name} UFM): the numbers each figure checks",
+                  f"checks failed of {len(checks)}: " + (", ".join(failed) if failed else "none"), len(failed),
+                  "= 0", not failed)
     return sec
 
 
 def optimize_section(out: Path, quick: bool, progress: bool) -> Section:
     """The best alpha by Newton on the kernel's derivatives, against a dense grid and bisection."""
     sec = Section("Optimal steering strength (Sec. 7 of docs/theory.md)")
+    with Progress(3, sec.title, enabled=progress) as bar:
+        return _optimize_laws(sec, out, quick, progress, bar)
+
+
+def _optimize_laws(sec: Section, out: Path, quick: bool, progress: bool, bar: Progress) -> Section:
+    """optimize_section's work, each step named beside the section's progress bar."""
     train_ufm_run(out / "runs" / "ufm_ref", reference_config(), progress=progress)
     run = load_run(out / "runs" / "ufm_ref")
     grid = np.linspace(-5, 5, 2001 if quick else 20001)
     spacing = grid[1] - grid[0]
+    bar.update(0, step=f"penalised vs a {grid.size}-point grid")
     with jax.enable_x64(True):
         steering = run.steer(0, dtype=jnp.float64)
         problem = steering.problem()
@@ -229,6 +258,7 @@ def optimize_section(out: Path, quick: bool, progress: bool) -> Section:
         sec.check("First-order condition (closed forms of Thm 3.6, 3.8)", "|d dp/d alpha - lam d dCE/d alpha|",
                   foc, "< 1e-8", foc < 1e-8)
         budget = 0.05
+        bar.update(1, step="budget vs bisection")
         bud = optimize(problem, Objective("budget", budget=budget))
         bis = bisect_budget(problem, budget)
         sec.check("Budget binds: optimum on the budget", "|dCE(alpha) - budget|", abs(bud.delta_ce - budget),
@@ -238,9 +268,11 @@ def optimize_section(out: Path, quick: bool, progress: bool) -> Section:
         loose = optimize(problem, Objective("budget", lam=0.1, budget=10.0))
         sec.check("Budget that does not bind = penalised optimum", "|alpha_budget - alpha_penalised|",
                   abs(loose.alpha - res.alpha), "< 1e-6", abs(loose.alpha - res.alpha) < 1e-6)
+        bar.update(1, step="prompt-adaptive alphas")
         adaptive = optimize(problem, pen, per_context=True)
         sec.check("Prompt-adaptive alpha never loses", "per-context objective - best shared objective",
                   adaptive.objective - res.objective, ">= -1e-9", adaptive.objective >= res.objective - 1e-9)
+        bar.update(1)
     sec.notes.append(f"penalised (lam=0.1): alpha* = {res.alpha:.6f} in {res.evaluations} evaluations "
                      f"({res.iterations} iterations); the {grid.size}-point grid needed {best['evaluations']}")
     sec.notes.append(f"budget dCE <= {budget}: alpha = {bud.alpha:.6f} ({bud.evaluations} evaluations; "
@@ -250,9 +282,10 @@ def optimize_section(out: Path, quick: bool, progress: bool) -> Section:
     return sec
 
 
-def _gpt_sweep_laws(sec: Section, run, layer: int, target, name: str, quick: bool) -> dict:
+def _gpt_sweep_laws(sec: Section, run, layer: int, target, name: str, quick: bool, bar: Progress) -> dict:
     """Sec. 4's checks on one GPT sweep: prefix cache, concept sigmoid, local quadratic ΔCE,
-    plateau and Prop. 4.1's limit. Returns (arrays, summary)."""
+    plateau and Prop. 4.1's limit; two steps of `bar`. Returns (arrays, summary)."""
+    bar.update(0, step="prefix cache vs full forward")
     probe = np.asarray([-30.0, -1.0, 0.0, 0.5, 8.0])
     gap = 0.0
     st = run.steer(target, layer=layer)
@@ -264,7 +297,10 @@ def _gpt_sweep_laws(sec: Section, run, layer: int, target, name: str, quick: boo
         gap = max(gap, float(np.abs(cached - full).max()))
     sec.check(f"{name}: prefix-cached sweep = full forward with alpha in the batch",
               "max |logits| difference, all and last positions", gap, "< 1e-5", gap < 1e-5)
-    arrays, meta, s = scaled_sweep(run, layer, target, num=201 if quick else 401, presence=not quick)
+    num = 201 if quick else 401
+    bar.update(1, step=f"sweep, {num} alphas")
+    arrays, meta, s = scaled_sweep(run, layer, target, num=num, presence=not quick)
+    bar.update(1)
     F = arrays["concept_prob"][:, :, t] @ arrays["weights"]
     rise = float(F[-1] - F[np.argmin(np.abs(arrays["alphas"]))])
     sec.check(f"{name}: steering raises the target concept (Thm 3.6)", "F_T(alpha_max) - F_T(0)", rise,
@@ -292,40 +328,71 @@ def _gpt_sweep_laws(sec: Section, run, layer: int, target, name: str, quick: boo
 def gpt_concept_section(out: Path, quick: bool, progress: bool) -> Section:
     """A small GPT trained on the reference concept data, steered through the shared kernel."""
     sec = Section("GPT on concept data (Sec. 4)")
-    m = train_gpt_run(out / "runs" / "gpt_concept", "concept", data_config=reference_config(), progress=progress)
+    with Progress(3, sec.title, enabled=progress) as bar:
+        bar.update(0, step="training the concept GPT")
+        m = train_gpt_run(out / "runs" / "gpt_concept", "concept", data_config=reference_config(),
+                          progress=progress)
+        bar.update(1)
+        _gpt_concept_laws(sec, out, m, quick, bar)
+    return sec
+
+
+def _gpt_concept_laws(sec: Section, out: Path, m: dict, quick: bool, bar: Progress) -> None:
+    """gpt_concept_section's checks of the trained run (metrics `m`)."""
     sec.check("GPT reaches the entropy bound on V=9, G=3, eps=0.05", "next-token CE - entropy (nats)",
               m["gap"], "< 0.01", 0 <= m["gap"] + 1e-9 and m["gap"] < 0.01)
     run = load_gpt_run(out / "runs" / "gpt_concept")
-    _gpt_sweep_laws(sec, run, run.model.config.layers, 0, "concept GPT", quick)
-    return sec
+    _gpt_sweep_laws(sec, run, run.model.config.layers, 0, "concept GPT", quick, bar)
 
 
 def gpt_text_section(out: Path, quick: bool, progress: bool) -> Section:
     """A GPT trained on Python's bundled docs, steered toward uppercase (the paper's Fig. A.4)."""
     sec = Section("GPT on text, 'uppercase' (Fig. A.4)")
-    run = text_run(out / "runs", 1, steps=600 if quick else None, progress=progress)
+    with Progress(4, sec.title, enabled=progress) as bar:
+        bar.update(0, step="training the text GPT")
+        run = text_run(out / "runs", 1, steps=600 if quick else None, progress=progress)
+        bar.update(1)
+        _gpt_text_laws(sec, out, run, quick, bar)
+    return sec
+
+
+def _gpt_text_laws(sec: Section, out: Path, run, quick: bool, bar: Progress) -> None:
+    """gpt_text_section's checks of the trained run, and Fig. A.4."""
     m = run.metrics
     sec.check("GPT beats the bigram baseline on held-out text", "bigram - GPT validation loss (nats/char)",
               m["bigram_val_loss"] - m["val_loss"], "> 0.1", m["bigram_val_loss"] - m["val_loss"] > 0.1)
     sec.notes.append(f"validation loss {m['val_loss']:.3f} nats/char, bigram {m['bigram_val_loss']:.3f}, "
                      f"unigram {m['unigram_val_loss']:.3f}")
     layer = run.model.config.layers
-    arrays, s = _gpt_sweep_laws(sec, run, layer, "uppercase", "text GPT", quick)
+    arrays, s = _gpt_sweep_laws(sec, run, layer, "uppercase", "text GPT", quick, bar)
+    bar.update(0, step="Fig. A.4")
     path = fig_a4(run, arrays, s, out / "figures" / "gpt_fig_a4.png", layer=layer, positions="all")
     sec.figures.append(str(path.relative_to(out)))
-    return sec
+    bar.update(1)
 
 
 SECTIONS = [ufm_section, optimize_section, gpt_concept_section, gpt_text_section]
 
 
-def _markdown(sections: list[Section], quick: bool, seconds: float) -> str:
+# The definitions and laws the report checks, in this checkout (absent from an installed wheel).
+THEORY = Path(__file__).resolve().parents[2] / "docs" / "theory.md"
+
+
+def _theory_ref(out: Path | None) -> str:
+    """docs/theory.md, as a link relative to the report where this checkout has the file."""
+    if out is not None and THEORY.is_file():
+        return f"[docs/theory.md]({Path(os.path.relpath(THEORY, Path(out).resolve())).as_posix()})"
+    return "docs/theory.md of the ufmjax repository"
+
+
+def _markdown(sections: list[Section], quick: bool, seconds: float, out: Path | None = None) -> str:
+    """report.md: the summary line, versions, then per section its law table, notes, figures."""
     laws = [law for s in sections for law in s.laws]
     failed = [law for law in laws if not law.passed] + [s for s in sections if s.error]
     lines = [
         "# ufmjax reproduce report", "",
         f"Laws of \"Towards Understanding Steering Strength\" (Taimeskhanov, Vaiter, Garreau 2026, "
-        f"arXiv 2602.02712; restated in docs/theory.md) checked "
+        f"arXiv 2602.02712; restated in {_theory_ref(out)}) checked "
         f"{'in quick mode ' if quick else ''}in {seconds:.0f} s: "
         f"**{sum(law.passed for law in laws)} of {len(laws)} pass**"
         + ("" if not failed else f", {len(failed)} fail") + ".", "",
@@ -354,25 +421,29 @@ def reproduce(out, *, quick: bool = False, force: bool = False, progress: bool =
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {str(out)!r} exists and is not a folder")
-    if force and (out / "runs").exists():
-        shutil.rmtree(out / "runs")
+    if force:  # only ufmjax's own run folders, and in them only what ufmjax wrote
+        clear_run_dirs(out / "runs")
     out.mkdir(parents=True, exist_ok=True)
     done: list[Section] = []
     t0 = time.perf_counter()
-    for fn in sections or SECTIONS:
-        t = time.perf_counter()
-        try:
-            sec = fn(out, quick, progress)
-        except Exception:  # noqa: BLE001 - a failing section is reported, the others still run
-            sec = Section(fn.__name__.replace("_section", ""), error=traceback.format_exc(limit=4))
-        sec.seconds = time.perf_counter() - t
-        done.append(sec)
-        if progress:
+    fns = list(sections or SECTIONS)
+    # One bar over the sections; each section adds its own bar (its steps) and trainings theirs.
+    with Progress(len(fns), "reproduce", enabled=progress) as bar:
+        for fn in fns:
+            t = time.perf_counter()
+            try:
+                sec = fn(out, quick, progress)
+            except Exception:  # noqa: BLE001 - a failing section is reported, the others still run
+                sec = Section(fn.__name__.replace("_section", ""), error=traceback.format_exc(limit=4))
+            sec.seconds = time.perf_counter() - t
+            done.append(sec)
             n_ok = sum(law.passed for law in sec.laws)
-            print(f"[reproduce] {sec.title}: {n_ok}/{len(sec.laws)} laws pass"
-                  + (" (section failed)" if sec.error else "") + f" in {sec.seconds:.1f}s", flush=True)
+            bar.update(1, last=f"{sec.title}: {n_ok}/{len(sec.laws)} pass")
+            if progress:
+                print(f"[reproduce] {sec.title}: {n_ok}/{len(sec.laws)} laws pass"
+                      + (" (section failed)" if sec.error else "") + f" in {sec.seconds:.1f}s", flush=True)
     seconds = time.perf_counter() - t0
-    io.write_bytes_atomic(out / "report.md", _markdown(done, quick, seconds).encode())
+    io.write_bytes_atomic(out / "report.md", _markdown(done, quick, seconds, out=out).encode())
     laws = [asdict(law) for s in done for law in s.laws]
     summary = {"quick": quick, "seconds": seconds, "laws": laws,
                "passed": sum(law["passed"] for law in laws), "total": len(laws),
@@ -393,14 +464,22 @@ def default_hf_layers(num_layers: int) -> list[int]:
 
 
 def hf_layer_section(out: Path, run, inputs, layer: int, quick: bool, ce_text: str,
-                     st=None) -> tuple[Section, dict]:
+                     st=None, progress: bool = False) -> tuple[Section, dict]:
     """Sec. 4's checks on one layer of a pretrained model; its figure. Returns (section, result)."""
+    sec = Section(f"layer {layer} of {run.spec.layers}")
+    with Progress(3, sec.title, enabled=progress) as bar:
+        return _hf_layer_laws(sec, out, run, inputs, layer, quick, ce_text, st, bar)
+
+
+def _hf_layer_laws(sec: Section, out: Path, run, inputs, layer: int, quick: bool, ce_text: str, st,
+                   bar: Progress) -> tuple[Section, dict]:
+    """hf_layer_section's work, each step named beside the layer's progress bar."""
     from ufmjax.models.hf import steered_closure as hf_closure
     from ufmjax.models.hf import steered_logits_full as hf_full
     from ufmjax.report.hf_figures import hf_layer_figure
     from ufmjax.runs.hf import hf_scaled_grid, hf_sweep, steer_inputs
 
-    sec = Section(f"layer {layer} of {run.spec.layers}")
+    bar.update(0, step="prefix cache vs full forward")
     st = steer_inputs(run, inputs, layer=layer) if st is None else st
     alphas = hf_scaled_grid(run, st, num=121 if quick else 401)
     scale = float(np.abs(alphas).max() / 50.0)  # alpha of alpha |v| = median |h|
@@ -414,8 +493,10 @@ def hf_layer_section(out: Path, run, inputs, layer: int, quick: bool, ce_text: s
     sec.check("prefix- and key/value-cached steering = full forward pass per alpha",
               "max |logits difference| / max |logits|, all and last positions", gap / size, "< 1e-5",
               gap / size < 1e-5)
+    bar.update(1, step=f"sweep, {alphas.size} alphas")
     arrays, meta = hf_sweep(run, st, alphas, ce_text=ce_text)
     s = summarize_sweep(arrays, 1)
+    bar.update(1, step="figure, sweep file")
     F = arrays["concept_prob"][:, :, 1] @ arrays["weights"]
     rise = float(F[-1] - F[np.argmin(np.abs(alphas))])
     sec.check("steering raises the concept (Thm 3.6)", "P(C | alpha_max) - P(C | 0)", rise, "> 0", rise > 0)
@@ -440,6 +521,7 @@ def hf_layer_section(out: Path, run, inputs, layer: int, quick: bool, ce_text: s
     from ufmjax.runs import save_sweep
 
     save_sweep(out / "sweeps" / f"layer{layer}.npz", arrays, meta)
+    bar.update(1)
     return sec, {"layer": layer, "arrays": arrays, "scale": 1.0 / scale}
 
 
@@ -472,25 +554,31 @@ def reproduce_hf(out, folder, inputs, *, layers=None, quick: bool = False, progr
     out.mkdir(parents=True, exist_ok=True)
     done, results = [], []
     t0 = time.perf_counter()
-    for layer in layers:
-        t = time.perf_counter()
-        try:
-            sec, res = hf_layer_section(out, run, inputs, layer, quick, ce_text,
-                                        first if layer == layers[0] else None)
-            results.append(res)
-        except Exception:  # noqa: BLE001 - a failing layer is reported, the others still run
-            sec = Section(f"layer {layer} of {L}", error=traceback.format_exc(limit=4))
-        sec.seconds = time.perf_counter() - t
-        done.append(sec)
-        if progress:
-            print(f"[reproduce] {sec.title}: {sum(x.passed for x in sec.laws)}/{len(sec.laws)} laws hold"
-                  + (" (section failed)" if sec.error else "") + f" in {sec.seconds:.1f}s", flush=True)
-    if results:
-        path = hf_layers_figure(results, out / "figures" / "hf_layers.png",
-                                title=f"{run.spec.model_type} ({run.path.name}): early, middle and last layers")
-        done[-1].figures.append(str(path.relative_to(out)))
+    # One bar over the layers (and the across-layer figure); each layer adds its own bar.
+    with Progress(len(layers) + 1, f"reproduce {run.spec.model_type}", enabled=progress) as bar:
+        for layer in layers:
+            t = time.perf_counter()
+            try:
+                sec, res = hf_layer_section(out, run, inputs, layer, quick, ce_text,
+                                            first if layer == layers[0] else None, progress=progress)
+                results.append(res)
+            except Exception:  # noqa: BLE001 - a failing layer is reported, the others still run
+                sec = Section(f"layer {layer} of {L}", error=traceback.format_exc(limit=4))
+            sec.seconds = time.perf_counter() - t
+            done.append(sec)
+            n_ok = sum(x.passed for x in sec.laws)
+            bar.update(1, last=f"{sec.title}: {n_ok}/{len(sec.laws)} hold")
+            if progress:
+                print(f"[reproduce] {sec.title}: {n_ok}/{len(sec.laws)} laws hold"
+                      + (" (section failed)" if sec.error else "") + f" in {sec.seconds:.1f}s", flush=True)
+        if results:
+            bar.update(0, step="across-layer figure")
+            path = hf_layers_figure(results, out / "figures" / "hf_layers.png",
+                                    title=f"{run.spec.model_type} ({run.path.name}): early, middle and last layers")
+            done[-1].figures.append(str(path.relative_to(out)))
+        bar.update(1)
     seconds = time.perf_counter() - t0
-    md = _markdown(done, quick, seconds).replace(
+    md = _markdown(done, quick, seconds, out=out).replace(
         "# ufmjax reproduce report", f"# ufmjax reproduce report: {run.spec.model_type} from {run.path}", 1)
     io.write_bytes_atomic(out / "report.md", md.encode())
     laws = [asdict(law) for s in done for law in s.laws]

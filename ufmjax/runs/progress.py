@@ -16,6 +16,7 @@ import sys
 import time
 
 from rich.console import Console
+from rich.table import Column
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -81,7 +82,12 @@ class Progress:
             console = Console(file=self.stream, force_terminal=self.stream.isatty() or None)
             rich = _RichProgress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                                  _Rate(), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[info]}"), console=console, refresh_per_second=5)
+                                 TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, ratio=1,
+                                                                                     overflow="ellipsis")),
+                                 console=console, refresh_per_second=5, expand=True,
+                                 # stdout stays stdout: a piped command's printed summary must not
+                                 # move to stderr because a bar is drawn there.
+                                 redirect_stdout=False, redirect_stderr=False)
             rich.start()
             _display[key] = {"progress": rich, "users": 0}
             self._outer = True
