@@ -21,6 +21,9 @@ Sections (each a function returning a `Section`):
   memory      a sweep of many alphas x 32 contexts x a GPT-2 sized vocabulary: peak resident
               memory, and its growth from A/10 to A alphas.
   precision   float32 (default) against float64 on the same sweep.
+  hf_load     peak host memory of loading a pretrained checkpoint, against its size.
+  sweep_memory  `ufmjax sweep` on a UFM run as a child process: peak resident memory at 100x
+              more alphas (results stream to disk), and how fast a 1e8-alpha grid is refused.
 
 `run_bench(mode)` runs them and writes `bench.md` and `bench.json` atomically. This file lives
 outside the installed package: `ufmjax bench` (from a source checkout) loads it, and
@@ -37,14 +40,15 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 MODES = ("quick", "default", "full")
-SECTIONS = ("ufm_exp", "ufm_numpy", "gpt", "optimize", "scaling", "memory", "precision", "hf_load")
+SECTIONS = ("ufm_exp", "ufm_numpy", "gpt", "optimize", "scaling", "memory", "precision", "hf_load",
+            "sweep_memory")
 GIB = float(1 << 30)
 
 # Problem sizes per mode. Default and full only differ in the memory section.
@@ -58,6 +62,7 @@ SIZES = {
         scaling=dict(A=128, M=4, V=1024, chunk=64, shared=True),
         memory=dict(A=2_000, M=8, V=2_048, shared=True),
         hf_load=dict(mb=64),
+        sweep_memory=dict(small=1_000, big=100_000, shared=True, no_compress=True, steps=20),
     ),
     "default": dict(
         rounds=3,
@@ -68,6 +73,7 @@ SIZES = {
         scaling=dict(A=640, M=8, V=4_096, chunk=64),
         memory=dict(A=20_000, M=32, V=5_000),
         hf_load=dict(mb=512),
+        sweep_memory=dict(small=10_000, big=1_000_000, steps=2000),
     ),
 }
 SIZES["full"] = {**SIZES["default"], "memory": dict(A=20_000, M=32, V=50_257)}
@@ -81,6 +87,8 @@ TARGET_LINEAR = 12.0     # 10x more work costs at most ~10x the time (12: some n
 TARGET_MEM_GROWTH = 1.10 # peak memory at A and A/10 alphas equal within 10%
 TARGET_MEM_GIB = 4.0     # peak resident memory of the full memory run
 TARGET_LOAD = 1.3        # loading a pretrained checkpoint: peak host memory over baseline / its size
+TARGET_SWEEP_MEM = 1.2   # `ufmjax sweep`: peak memory at 1e6 alphas within 1.2x that at 1e4 (issue 12)
+TARGET_REFUSE_S = 1.0    # a 1e8-alpha grid refused in under a second, run loading included (issue 12)
 # float32 against float64 (README): probabilities and concept curves to 1e-5 absolute, every
 # other curve and every derivative to 1e-4 of the curve's own scale.
 TOL_F32_ABS = 1e-5
@@ -651,10 +659,157 @@ def section_hf_load(sz: dict, rounds: int) -> Section:
     return s
 
 
+TIME_V = "/usr/bin/time"  # GNU time: `-v` reports a child's "Maximum resident set size (kbytes)"
+CLI_CHILD = "import sys; from ufmjax.cli import main; sys.exit(main())"  # `ufmjax` without relying on PATH
+
+
+def measure_children(cmds: list[list[str]], timeout: float = 3600) -> tuple[list[dict], str]:
+    """Run commands as child processes, one after the other: each one's peak resident memory
+    (KiB), wall time, exit status and stderr. Under `/usr/bin/time -v` when it runs here, else
+    from the rusage that os.wait4 returns for that child alone; returns (results, the method)."""
+    import tempfile
+
+    use_time = os.path.exists(TIME_V) and subprocess.run([TIME_V, "-v", "true"], capture_output=True).returncode == 0
+    env = {**os.environ}
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ufmjax_bench_children_") as tmp:
+        def start(i, cmd):
+            err = open(Path(tmp) / f"{i}.err", "w+")
+            proc = subprocess.Popen([TIME_V, "-v", *cmd] if use_time else cmd, stdout=subprocess.DEVNULL,
+                                    stderr=err, env=env)
+            return proc, err, time.perf_counter()
+
+        def finish(proc, err, t0):
+            # Reaped by wait4 (not Popen.wait) to get this child's own rusage.
+            deadline = t0 + timeout
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.perf_counter() > deadline:
+                    proc.kill()
+                    pid, status, usage = os.wait4(proc.pid, 0)
+                    break
+                time.sleep(0.02)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            seconds = time.perf_counter() - t0
+            err.seek(0)
+            text = err.read()
+            err.close()
+            peak = int(usage.ru_maxrss)  # KiB on Linux: the child's, or GNU time's child's
+            if use_time:
+                for line in text.splitlines():
+                    if "Maximum resident set size" in line:
+                        peak = int(line.split(":")[1])
+            return {"peak_kib": peak, "wait4_kib": int(usage.ru_maxrss), "seconds": seconds,
+                    "returncode": proc.returncode, "stderr": text}
+
+        results = [finish(*start(i, c)) for i, c in enumerate(cmds)]
+    return results, f"{TIME_V} -v" if use_time else "os.wait4 ru_maxrss"
+
+
+# Quick mode: `ufmjax sweep`'s main() called for each argv in ONE process, the high-water mark
+# of its resident memory (VmHWM) read after each: the growth from the first grid to the next.
+SHARED_CLI_CHILD = """
+import json, resource, sys
+from ufmjax.cli import main
+def hwm():
+    try:
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+    except (OSError, StopIteration):
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+out = []
+for argv in json.loads(sys.argv[1]):
+    rc = main(argv)
+    out.append({"returncode": rc, "peak_kib": hwm()})
+print(json.dumps(out))
+"""
+
+
+def measure_in_one_child(argvs: list[list[str]], timeout: float = 600) -> tuple[list[dict], str]:
+    """`ufmjax sweep` argvs run one after the other in one child process: each one's VmHWM."""
+    env = {**os.environ}
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", SHARED_CLI_CHILD, json.dumps(argvs)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in results:
+        r.update(seconds=(time.perf_counter() - t0) / len(results), stderr=proc.stderr)
+    return results, "VmHWM after each sweep, both in one process"
+
+
+def section_sweep_memory(sz: dict, rounds: int) -> Section:
+    """`ufmjax sweep` of the reference UFM at `small` and `big` alphas in child processes (their
+    peak memory), and the time to refuse 1e8 alphas (in this process: the CLI's own work)."""
+    import contextlib
+    import io as text_io
+    import tempfile
+
+    from ufmjax.cli import main as cli_main
+    from ufmjax.data import reference_config
+    from ufmjax.runs import train_ufm_run
+    from ufmjax.runs.ufm import UFM_TRAIN_DEFAULTS
+
+    s = Section("sweep_memory", "Bounded sweeps: `ufmjax sweep` memory flat in the grid length, long grids refused")
+    small, big = sz["small"], sz["big"]
+    with tempfile.TemporaryDirectory(prefix="ufmjax_bench_sweep_") as tmp:
+        run, tmp = Path(tmp) / "ufm", Path(tmp)
+        # Memory does not depend on how well the UFM is trained (quick: a few steps give its
+        # shapes), but the deflate time does: a trained model's smooth curves compress 2x better.
+        train_ufm_run(run, reference_config(), progress=False,
+                      train_config=replace(UFM_TRAIN_DEFAULTS, steps=sz["steps"], ckpt_every=0))
+        outs = {n: tmp / f"s{n}.npz" for n in (small, big)}
+        flags = ["--no-compress"] if sz.get("no_compress") else []
+        argvs = [["sweep", str(run), "--target", "2", "--alphas", f"-20:20:{n}", "--quiet", *flags,
+                  "--out", str(outs[n])] for n in (small, big)]
+        if sz.get("shared"):
+            (r_small, r_big), method = measure_in_one_child(argvs)
+        else:
+            (r_small, r_big), method = measure_children([[sys.executable, "-c", CLI_CHILD, *a] for a in argvs])
+        for n, r in ((small, r_small), (big, r_big)):
+            if r["returncode"] != 0 or not outs[n].is_file():
+                raise RuntimeError(f"ufmjax sweep of {n} alphas failed ({r['returncode']}): {r['stderr'][-2000:]}")
+        mib = {n: outs[n].stat().st_size / 2**20 for n in (small, big)}
+        buf = text_io.StringIO()
+        t0 = time.perf_counter()
+        with contextlib.redirect_stderr(buf):
+            rc = cli_main(["sweep", str(run), "--target", "2", "--alphas", "0:1:100000000", "--quiet",
+                           "--out", str(tmp / "huge.npz")])
+        refuse_s = time.perf_counter() - t0
+        message = buf.getvalue().strip()
+        refused = rc == 2 and "--max-output" in message and not (tmp / "huge.npz").exists()
+    ratio = r_big["peak_kib"] / r_small["peak_kib"]
+    for n, r in ((small, r_small), (big, r_big)):
+        wall = "mean of the process's" if sz.get("shared") else "start-up included"
+        s.rows.append(Row(f"peak memory, {n:,} alphas", r["peak_kib"] / 2**10, "MiB",
+                          note=f"{r['seconds']:.1f} s wall ({wall}); file {mib[n]:.1f} MiB"))
+    s.rows.append(Row(f"peak memory {big:,} / {small:,} alphas", ratio, "x", f"<= {TARGET_SWEEP_MEM}",
+                      _at_most(ratio, TARGET_SWEEP_MEM)))
+    s.rows.append(Row("1e8 alphas refused (run loading included)", refuse_s, "s", f"< {TARGET_REFUSE_S:g}",
+                      refused and _at_most(refuse_s, TARGET_REFUSE_S), note=message.replace("\n", " ")))
+    s.notes.append(f"Reference UFM run (V=9, G=3, 12 contexts), target 2, both derivatives in float32: 2612 bytes "
+                   f"of arrays per alpha, so {big:,} alphas are {big * 2612 / 1e9:.2g} GB before compression. "
+                   + ("Both sweeps are `ufmjax sweep` (its main()) in one child process" if sz.get("shared") else
+                      "Each sweep is `ufmjax sweep` in a fresh process")
+                   + f" (imports, run loading and compilation included); peak resident memory by {method}.")
+    s.notes.append("Results stream to raw .npy members beside the output, chunk by chunk, and are then "
+                   "deflated into the .npz in blocks; before issue 12, 1e6 alphas took 4.3 GB of memory "
+                   "(and 1e8 ended in a MemoryError).")
+    if sz.get("shared"):
+        s.notes.append("Quick mode: both sweeps in one process (one start-up), with --no-compress (the same "
+                       "streaming without deflate's time); the second peak is the high-water mark after both.")
+    return s
+
+
 SECTION_FNS = {"ufm_exp": ("ufm", section_ufm_exp), "ufm_numpy": ("ufm", section_ufm_numpy),
                "gpt": ("gpt", section_gpt), "optimize": ("optimize", section_optimize),
                "scaling": ("scaling", section_scaling), "memory": ("memory", section_memory),
-               "precision": ("ufm", section_precision), "hf_load": ("hf_load", section_hf_load)}
+               "precision": ("ufm", section_precision), "hf_load": ("hf_load", section_hf_load),
+               "sweep_memory": ("sweep_memory", section_sweep_memory)}
 
 
 # ---------------------------------------------------------------- the report

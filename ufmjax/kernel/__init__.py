@@ -25,14 +25,23 @@ from ufmjax.kernel import taylor
 from ufmjax.kernel.affine import AffineParts, AffineReference, default_affine_chunk_size, upper_envelope
 from ufmjax.kernel.driver import (
     METHODS,
+    TOP_K_AT,
+    ArraySink,
     Evaluator,
+    Grid,
     SweepPlan,
     check_alphas,
+    check_devices,
     check_dtype,
+    check_grid,
     default_chunk_size,
     drive,
+    grid_size,
+    grid_values,
     largest_intermediate,
+    output_bytes,
     parse_alphas,
+    parse_grid,
     plan_sweep,
     sweep,
     top_tokens,
@@ -56,8 +65,10 @@ def trace_count() -> int:
 
 
 __all__ = [
-    "AffineParts", "AffineReference", "Evaluator", "METHODS", "Measure", "PREFIXES", "QUANTITIES",
-    "Reference", "SweepPlan", "check_alphas", "check_dtype", "closure_jets", "default_affine_chunk_size",
-    "default_chunk_size", "drive", "largest_intermediate", "make_measure", "parse_alphas", "plan_sweep",
-    "quantities", "reference_fn", "reference_of", "sweep", "top_tokens", "trace_count", "upper_envelope",
+    "AffineParts", "AffineReference", "ArraySink", "Evaluator", "Grid", "METHODS", "Measure", "PREFIXES",
+    "QUANTITIES", "Reference", "SweepPlan", "TOP_K_AT", "check_alphas", "check_devices", "check_dtype",
+    "check_grid", "closure_jets", "default_affine_chunk_size", "default_chunk_size", "drive", "grid_size",
+    "grid_values", "largest_intermediate", "make_measure", "output_bytes", "parse_alphas", "parse_grid",
+    "plan_sweep", "quantities", "reference_fn", "reference_of", "sweep", "top_tokens", "trace_count",
+    "upper_envelope",
 ]

@@ -7,7 +7,10 @@ G = concepts, K = tracked tokens.
 taylor or jvp) and evaluates every quantity with its derivatives at any alphas; `sweep` plans
 a grid into chunks, shards each chunk's alpha axis over the devices (a 1-D
 `jax.sharding.Mesh`), drives them through the evaluator (copying one chunk back while the
-next runs) and assembles the result. With one device this is the plain single-device
+next runs) and hands each chunk to a sink: an in-memory dict by default, or one that writes it
+to disk as it comes (`runs.sweepfile.SweepFile`). Grids are checked here too (`check_grid`,
+`parse_grid`: a `Grid` is sized before it is built), and `top_tokens` picks the tokens a sweep
+tracks at a named end of its grid. With one device this is the plain single-device
 computation; the same code runs on many GPUs, a TPU slice or several hosts under
 `jax.distributed` (each process passes the same grid and receives the whole result).
 """
@@ -42,8 +45,23 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 # ---------------------------------------------------------------- arguments
 
 def check_alphas(alphas) -> np.ndarray:
-    """A 1-D, non-empty, finite alpha grid (as float64 numpy), else ValueError naming alphas."""
-    arr = np.asarray(alphas, dtype=np.float64)
+    """A 1-D, non-empty, finite grid of real alphas (as float64 numpy), else ValueError naming alphas.
+
+    Any order is accepted: each alpha is evaluated on its own, and point evaluations (Newton
+    iterates of `analysis.find_peaks`, the optimiser's points) are not sorted. Grids that a
+    sweep file is made of go through `check_grid`, which also wants them increasing.
+    """
+    raw = np.asarray(alphas)
+    if raw.dtype.kind == "c":
+        raise ValueError("alphas must be real numbers, got complex values (a complex alpha is not a steering "
+                         "strength; take .real explicitly if that is what is meant)")
+    # ml_dtypes' floats (bfloat16, float8_*) are kind "V" in numpy, but real numbers all the same.
+    if raw.dtype.kind not in "iufO" and not raw.dtype.name.startswith(("float", "bfloat")):
+        raise ValueError(f"alphas must be real numbers, got an array of {raw.dtype}")
+    try:
+        arr = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("alphas must be real numbers, got values that are not numbers") from None
     if arr.ndim == 0:
         arr = arr[None]
     if arr.ndim != 1 or arr.size == 0:
@@ -53,22 +71,95 @@ def check_alphas(alphas) -> np.ndarray:
     return arr
 
 
-def parse_alphas(spec: str) -> np.ndarray:
-    """'START:STOP:NUM' -> NUM evenly spaced alphas from START to STOP, both included."""
+def check_grid(alphas) -> np.ndarray:
+    """`check_alphas`, and strictly increasing: the grid of a sweep (its ends are where
+    `top_tokens` looks, its neighbours bracket the local UFM's validity range), as the CLI's
+    START:STOP:NUM always is."""
+    arr = check_alphas(alphas)
+    bad = np.flatnonzero(np.diff(arr) <= 0)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"alphas must be a strictly increasing grid, got alphas[{i}] = {arr[i]:.17g} >= "
+                         f"alphas[{i + 1}] = {arr[i + 1]:.17g} (sort it, or use kernel.sweep for points)")
+    return arr
+
+
+@dataclass(frozen=True)
+class Grid:
+    """NUM evenly spaced alphas from START to STOP (both included), checked but not built, so
+    a sweep can size its output (`size`) before `values()` allocates NUM float64s."""
+
+    start: float
+    stop: float
+    num: int
+
+    @property
+    def size(self) -> int:
+        return self.num
+
+    def values(self) -> np.ndarray:
+        """The grid, as np.linspace(start, stop, num) [A]."""
+        return check_grid(np.linspace(self.start, self.stop, self.num))
+
+
+def parse_grid(spec: str) -> Grid:
+    """'START:STOP:NUM' -> a checked `Grid` (nothing allocated), else ValueError naming alphas."""
     parts = spec.split(":")
     if len(parts) != 3:
         raise ValueError(f"alphas must be START:STOP:NUM, got {spec!r}")
     try:
         start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
     except ValueError:
-        raise ValueError(f"alphas must be START:STOP:NUM with numbers, got {spec!r}") from None
+        raise ValueError(f"alphas must be START:STOP:NUM with numbers (NUM an integer), got {spec!r}") from None
     if num < 1:
         raise ValueError(f"alphas NUM must be >= 1, got {num}")
     if not (math.isfinite(start) and math.isfinite(stop)):
         raise ValueError(f"alphas START and STOP must be finite, got {spec!r}")
-    if num > 1 and stop <= start:
-        raise ValueError(f"alphas STOP must exceed START (the grid is increasing), got {spec!r}")
-    return check_alphas(np.linspace(start, stop, num))
+    if num > 1:
+        if stop <= start:
+            raise ValueError(f"alphas STOP must exceed START (the grid is increasing), got {spec!r}")
+        if not math.isfinite(stop - start):
+            # np.linspace would compute STOP - START = inf and fill the grid with inf and NaN.
+            raise ValueError(f"alphas START:STOP spans more than float64 holds (STOP - START overflows), "
+                             f"got {spec!r}: use a narrower range")
+        if (stop - start) / (num - 1) < np.spacing(max(abs(start), abs(stop))):
+            raise ValueError(f"alphas START:STOP is too narrow for NUM distinct float64 values, got {spec!r}")
+    return Grid(start, stop, num)
+
+
+def parse_alphas(spec: str) -> np.ndarray:
+    """'START:STOP:NUM' -> NUM evenly spaced alphas from START to STOP, both included."""
+    return parse_grid(spec).values()
+
+
+def grid_size(alphas) -> int:
+    """How many alphas a grid (array-like or `Grid`) holds, without building a Grid."""
+    return alphas.size if isinstance(alphas, Grid) else int(np.size(alphas))
+
+
+def grid_values(alphas) -> np.ndarray:
+    """A grid (array-like or `Grid`) as a checked, strictly increasing float64 array."""
+    return alphas.values() if isinstance(alphas, Grid) else check_grid(alphas)
+
+
+def check_devices(devices) -> tuple:
+    """The devices to shard alphas over (all visible ones for None), else ValueError naming devices."""
+    if devices is None:
+        return tuple(jax.devices())
+    if isinstance(devices, jax.Device):
+        return (devices,)
+    try:
+        devices = tuple(devices)
+    except TypeError:
+        raise ValueError(f"devices must be a sequence of jax devices, got {type(devices).__name__}") from None
+    if not devices:
+        raise ValueError("devices must name at least one device, got an empty sequence")
+    for d in devices:
+        if not isinstance(d, jax.Device):
+            raise ValueError(f"devices must be jax devices (from jax.devices()), got {d!r}")
+    if len(set(devices)) != len(devices):
+        raise ValueError("devices must be distinct (a device listed twice)")
+    return devices
 
 
 def check_dtype(dtype) -> jnp.dtype:
@@ -96,6 +187,21 @@ def resolve_method(fn, method: str, num_concepts: int) -> str:
 
 
 # ---------------------------------------------------------------- sizes and placement
+
+def output_bytes(*, rows: int, vocab: int, concepts: int, tokens: int, derivatives: int = 2,
+                 dtype=jnp.float32) -> tuple[int, int]:
+    """Bytes of the arrays `sweep` returns, uncompressed: (per alpha, independent of the grid).
+
+    Per alpha: every name of QUANTITIES at each of the derivatives + 1 orders in `dtype`, and
+    the alpha itself (float64); fixed: tokens [K], concept_of [V], weights [M] (int64 and
+    float64) and probs_base [M, V] (`dtype`).
+    """
+    item = jnp.dtype(dtype).itemsize
+    letters = {"M": rows, "K": tokens, "G": concepts}
+    per_order = sum(math.prod(letters[c] for c in shape.split("x") if c) for shape in QUANTITIES.values())
+    per_alpha = per_order * (check_order(derivatives) + 1) * item + 8
+    return per_alpha, 8 * (tokens + vocab + rows) + rows * vocab * item
+
 
 def default_chunk_size(num_rows: int, vocab: int, num_devices: int = 1, intermediate: int = 0,
                        order: int = 0) -> int:
@@ -218,9 +324,7 @@ class Evaluator:
             mesh = self.model_mesh
             self.devices = list(mesh.devices.flat)
         else:
-            self.devices = list(jax.devices() if devices is None else devices)
-            if not self.devices:
-                raise ValueError("devices must name at least one device")
+            self.devices = list(check_devices(devices))
             mesh = Mesh(np.asarray(self.devices), ("alpha",))
         self.alpha_sharding = NamedSharding(mesh, PartitionSpec("alpha"))
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -267,15 +371,37 @@ class Evaluator:
 
 # ---------------------------------------------------------------- the sweep
 
-def top_tokens(steered: Steered, alphas, k: int) -> np.ndarray:
-    """The k tokens of largest mean steered probability at the grid's largest |alpha| (Fig. 6)."""
-    alphas = check_alphas(alphas)
-    a = alphas[np.argmax(np.abs(alphas))]
-    logits = steered.fn(steered.params, jnp.asarray(a, jnp.result_type(float)))
-    mean_p = np.asarray(jax.nn.softmax(logits, axis=-1).mean(axis=0))
-    if not 1 <= k <= mean_p.size:
-        raise ValueError(f"top_k must be in [1, {mean_p.size}], got {k}")
-    return np.sort(np.argsort(-mean_p, kind="stable")[:k])
+TOP_K_AT = ("max", "min", "both")
+
+
+def top_tokens(steered: Steered, alphas, k: int, at: str = "max") -> np.ndarray:
+    """The k tokens of largest mean steered probability (over rows) at a named end of the grid (Fig. 6).
+
+    Args:
+      steered: the model's `alpha -> logits [M, V]` closure.
+      alphas: the grid (array-like or `Grid`); only its ends are evaluated.
+      k: tokens per end, in [1, V].
+      at: "max": at the grid's largest alpha (the target's direction on any grid through 0);
+        "min": at its smallest; "both": the union of the k at each end (so up to 2k tokens).
+    Returns:
+      the tracked token ids, sorted, int64 [K].
+    """
+    if at not in TOP_K_AT:
+        raise ValueError(f"top_k_at must be one of {', '.join(TOP_K_AT)}, got {at!r}")
+    if isinstance(alphas, Grid):
+        lo, hi = alphas.start, alphas.stop if alphas.num > 1 else alphas.start  # linspace's own ends
+    else:
+        arr = check_alphas(alphas)
+        lo, hi = float(arr.min()), float(arr.max())
+    ends = {"max": [hi], "min": [lo], "both": [lo, hi]}[at]
+    chosen = []
+    for a in ends:
+        logits = steered.fn(steered.params, jnp.asarray(a, jnp.result_type(float)))
+        mean_p = np.asarray(jax.nn.softmax(logits, axis=-1).mean(axis=0))
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= mean_p.size:
+            raise ValueError(f"top_k must be an integer in [1, {mean_p.size}], got {k!r}")
+        chosen.append(np.argsort(-mean_p, kind="stable")[:k])
+    return np.unique(np.concatenate(chosen)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -298,6 +424,11 @@ class SweepPlan:
         A = self.alphas.size
         return np.concatenate([self.alphas, np.full(self.num_chunks * self.chunk_size - A, self.alphas[-1])])
 
+    def chunk(self, i: int) -> np.ndarray:
+        """Chunk i of `padded()`, built alone (a long grid is never copied whole)."""
+        part = self.alphas[i * self.chunk_size:(i + 1) * self.chunk_size]
+        return np.concatenate([part, np.full(self.chunk_size - part.size, self.alphas[-1])])
+
 
 def plan_sweep(steered: Steered, alphas, measure: Measure, *, derivatives: int, chunk_size, dtype,
                devices, method: str) -> SweepPlan:
@@ -309,9 +440,7 @@ def plan_sweep(steered: Steered, alphas, measure: Measure, *, derivatives: int, 
     if mesh is not None:  # a sharded model: alphas go over its mesh's "alpha" axis
         devices, n_dev = tuple(mesh.devices.flat), mesh.shape["alpha"]
     else:
-        devices = tuple(jax.devices() if devices is None else devices)
-        if not devices:
-            raise ValueError("devices must name at least one device")
+        devices = check_devices(devices)
         n_dev = len(devices)
     if chunk_size is None:
         M, V = measure.num_rows, int(measure.onehot_VxG.shape[0])
@@ -331,40 +460,65 @@ def plan_sweep(steered: Steered, alphas, measure: Measure, *, derivatives: int, 
     return SweepPlan(alphas, order, method, jnp.dtype(dtype), devices, chunk_size)
 
 
-def drive(evaluator: Evaluator, plan: SweepPlan) -> dict[str, np.ndarray]:
-    """Run every chunk of the plan; copy each back while the next one runs. Returns [A, ...]."""
+class ArraySink(dict):
+    """Where `drive` puts results by default: each output one in-memory numpy array [A, ...].
+
+    A sink is a mutable mapping of output names to arrays with one more method,
+    `allocate(name, shape, dtype)`, returning something that takes `x[lo:hi] = values` for
+    consecutive slices of the first axis; `runs.sweepfile.SweepFile` is one that writes each
+    slice to disk as it comes, so a sweep's memory does not grow with its grid.
+    """
+
+    def allocate(self, name: str, shape: tuple, dtype) -> np.ndarray:
+        self[name] = np.empty(shape, dtype)
+        return self[name]
+
+
+def drive(evaluator: Evaluator, plan: SweepPlan, sink=None, progress=None):
+    """Run every chunk of the plan; copy each back while the next one runs.
+
+    Args:
+      evaluator, plan: from `Evaluator` and `plan_sweep`.
+      sink: where each output [A, ...] goes, chunk by chunk (`ArraySink` by default).
+      progress: called with the number of alphas of each chunk once it is stored.
+    Returns:
+      the sink (by default a dict of numpy arrays [A, ...]).
+    """
+    sink = ArraySink() if sink is None else sink
     A, C = plan.alphas.size, plan.chunk_size
-    padded = plan.padded()
-    out: dict[str, np.ndarray] = {}
+    slots = {}
 
     def collect(i, result):
         lo, hi = i * C, min((i + 1) * C, A)
         for prefix, tree in zip(PREFIXES, result):
             for name, value in tree.items():
                 value = to_host(value)
-                if prefix + name not in out:
-                    out[prefix + name] = np.empty((A,) + value.shape[1:], value.dtype)
-                out[prefix + name][lo:hi] = value[: hi - lo]
+                if prefix + name not in slots:
+                    slots[prefix + name] = sink.allocate(prefix + name, (A,) + value.shape[1:], value.dtype)
+                slots[prefix + name][lo:hi] = value[: hi - lo]
+        if progress is not None:
+            progress(hi - lo)
 
     pending = None
     for i in range(plan.num_chunks):
-        chunk = place(np.asarray(padded[i * C:(i + 1) * C], plan.dtype), evaluator.alpha_sharding)
+        chunk = place(np.asarray(plan.chunk(i), plan.dtype), evaluator.alpha_sharding)
         result = evaluator.chunk(chunk, plan.order)  # dispatched asynchronously
         if pending is not None:
             collect(*pending)
         pending = (i, result)
     collect(*pending)
-    return out
+    return sink
 
 
 def sweep(steered: Steered, alphas, *, concept_of=None, ce_target=None, weights=None, tokens=None,
           measure: Measure | None = None, derivatives: int = 2, chunk_size: int | None = None,
-          dtype=jnp.float32, devices=None, method: str = "auto") -> dict[str, np.ndarray]:
+          dtype=jnp.float32, devices=None, method: str = "auto", sink=None, progress=None):
     """Sweep a steered model over an alpha grid.
 
     Args:
       steered: the model's `alpha -> logits [M, V]` closure.
-      alphas: 1-D grid of steering strengths (any length; processed in chunks).
+      alphas: 1-D grid of steering strengths (any length, any order: each alpha is evaluated on
+        its own; processed in chunks).
       concept_of, ce_target, weights, tokens: what is measured (see `make_measure`), or
       measure: a Measure built already (then those four must be left out).
       derivatives: 0, 1 or 2: how many derivatives in alpha to return.
@@ -373,10 +527,13 @@ def sweep(steered: Steered, alphas, *, concept_of=None, ce_target=None, weights=
       dtype: float32 (default) or float64 (requires jax_enable_x64).
       devices: devices to shard the alpha axis over; all visible devices by default.
       method: "auto", "affine", "taylor" or "jvp" (see `Evaluator`).
+      sink: where the results go (see `ArraySink`); by default a dict in memory. A
+        `runs.sweepfile.SweepFile` streams them to an .npz instead.
+      progress: called with the number of alphas done after each chunk.
     Returns:
-      dict of numpy arrays: `alphas` [A], `tokens` [K], `concept_of` [V], `weights` [M],
-      `probs_base` [M, V], and for each name of QUANTITIES its values `[A, ...]`, with
-      `d_<name>` and `d2_<name>` for the derivatives that were asked for.
+      dict of numpy arrays (the sink, when one is given): `alphas` [A], `tokens` [K],
+      `concept_of` [V], `weights` [M], `probs_base` [M, V], and for each name of QUANTITIES
+      its values `[A, ...]`, with `d_<name>` and `d2_<name>` for the derivatives asked for.
     """
     dtype = check_dtype(dtype)
     weights64 = None
@@ -394,10 +551,10 @@ def sweep(steered: Steered, alphas, *, concept_of=None, ce_target=None, weights=
                       devices=devices, method=method)
     evaluator = Evaluator(steered, measure, order=plan.order, method=plan.method, dtype=dtype,
                           devices=plan.devices, alphas_per_call=plan.chunk_size)
-    out = drive(evaluator, plan)
+    out = drive(evaluator, plan, sink, progress)
     out.update(alphas=plan.alphas, tokens=np.asarray(measure.tokens_K).astype(np.int64),
                concept_of=np.argmax(np.asarray(measure.onehot_VxG), axis=1).astype(np.int64),
                weights=np.asarray(measure.weights_M, np.float64) if weights64 is None else weights64,
                probs_base=evaluator.probs_base())
-    return out
+    return dict(out) if sink is None else out
 

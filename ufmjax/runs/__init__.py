@@ -4,6 +4,7 @@
 - `train`: the one optax loop for every model (exact resume);
 - `folders`: opening a run folder for a configuration, sweep files;
 - `steer`: `Steering`, what `run.steer(...)` returns for every run type;
+- `sweepfile`: sweep files streamed to disk chunk by chunk, and the output-size limit;
 - `ufm`, `gpt`: UFM and GPT runs (train, load, steer, sweep);
 - `hf`: a pretrained Hugging Face folder as an `HFRun` (load, steer, sweep);
 - `load`: `load_run`, dispatching on the model a run's config names.
@@ -23,7 +24,7 @@ _EXPORTS = {
     "TrainConfig": "train", "UFMRun": "ufm", "load_ufm_run": "ufm", "train_ufm_run": "ufm",
     "ufm_sweep": "ufm", "HFRun": "hf", "hf_sweep": "hf", "load_hf": "hf",
 }
-_SUBMODULES = ("folders", "gpt", "hf", "io", "load", "progress", "steer", "train", "ufm")
+_SUBMODULES = ("folders", "gpt", "hf", "io", "load", "progress", "steer", "sweepfile", "train", "ufm")
 __all__ = sorted(_EXPORTS)
 
 

@@ -32,7 +32,6 @@ from ufmjax.analysis.gpt_probes import (
 from ufmjax.common import log_softmax64
 from ufmjax.data import CLASSES, ConceptData, DataConfig, TextConfig, TextCorpus, concept_index, select_steering_sets
 from ufmjax.data.text import steering_prompts
-from ufmjax.kernel import check_alphas
 from ufmjax.models.gpt import (
     GPT,
     GPTConfig,
@@ -46,9 +45,9 @@ from ufmjax.models.gpt import (
     steered_closure,
 )
 from ufmjax.runs import io
-from ufmjax.runs.folders import check_finished, open_run, versions
-from ufmjax.runs.steer import Steering, add_probes, add_text_ce, check_ce_against
-from ufmjax.runs.train import TrainConfig, restore_model, train
+from ufmjax.runs.folders import check_finished, open_run, run_lock, versions
+from ufmjax.runs.steer import Steering, add_probes, add_text_ce, check_ce_against, probe_size, sweep_grid
+from ufmjax.runs.train import TrainConfig, check_seed, restore_model, train
 from ufmjax.runs.ufm import int_target
 from ufmjax.steering import diff_of_means
 
@@ -62,6 +61,9 @@ TEXT_GPT = {"context": 64, "layers": 2, "width": 64, "heads": 4, "mlp_ratio": 4}
 TEXT_TRAIN = TrainConfig(steps=1500, lr=3e-3, warmup=100, weight_decay=0.01, clip=1.0, eval_every=500)
 TEXT_BATCH = 32
 
+# What a finished run reports (and `ufmjax train gpt` prints).
+GPT_METRICS = {"concept": ("final_ce", "entropy", "gap", "gap_fixed", "seconds"),
+               "text": ("val_loss", "bigram_val_loss", "unigram_val_loss", "seconds")}
 TEXT_ROWS = 64       # held-out prompts of a text sweep
 TEXT_CE_PROMPTS = 16 # held-out prompts whose every position enters the all-positions CE
 PRESENCE_POINTS = 21 # alphas of the sampled-presence subgrid
@@ -146,7 +148,11 @@ def train_gpt_run(out, corpus: str = "concept", *, data_config: DataConfig | Non
       train_config, batch: optimiser, schedule and batch size (corpus defaults if None).
       seed: initialisation and batch seed.
       stop_after: stop after this many steps as if interrupted (tests); returns {} then.
+    Raises:
+      RunError: another ufmjax process trains into `out` (or `out` cannot hold this run).
+      TrainingDiverged: the loss blew up; no final checkpoint or metrics are written.
     """
+    seed = check_seed(seed)
     if corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
     gpt = dict(gpt or {})
@@ -158,14 +164,14 @@ def train_gpt_run(out, corpus: str = "concept", *, data_config: DataConfig | Non
         if fields["context"] < T:
             raise ValueError(f"context must be >= context_len + 1 = {T} on concept data, got {fields['context']}")
         train_config = train_config or CONCEPT_TRAIN
-        batch = batch or CONCEPT_BATCH
+        batch = CONCEPT_BATCH if batch is None else batch  # 0 is an error, not the default
         corpus_cfg = {"data": data_config.to_dict()}
     else:
         text_config = text_config or TextConfig()
         source = TextCorpus(text_config)
         fields = {**TEXT_GPT, **gpt, "vocab": source.vocab}
         train_config = train_config or TEXT_TRAIN
-        batch = batch or TEXT_BATCH
+        batch = TEXT_BATCH if batch is None else batch
         corpus_cfg = {"text": text_config.to_dict(), "text_sha256": source.sha256, "text_chars": len(source.text)}
     gpt_config = GPTConfig(**fields)
     if corpus == "text" and gpt_config.context < 2:
@@ -175,43 +181,45 @@ def train_gpt_run(out, corpus: str = "concept", *, data_config: DataConfig | Non
     config = {"model": "gpt", "corpus": corpus, **corpus_cfg, "gpt": gpt_config.to_dict(),
               "train": train_config.to_dict(), "batch": batch, "seed": seed, "versions": versions()}
 
-    out, finished = open_run(out, config, force)
-    if finished is not None:
-        return finished
+    # The folder is locked from opening the run to writing metrics.json (one process per run).
+    with run_lock(out):
+        out, finished = open_run(out, config, force)
+        if finished is not None:
+            return io.check_metrics(finished, out, GPT_METRICS[corpus])
 
-    model = init_gpt(gpt_config, seed)
-    if corpus == "concept":
-        every = all_concept_contexts(source)
-        batch_fn = concept_batch_fn(source, batch, seed)
+        model = init_gpt(gpt_config, seed)
+        if corpus == "concept":
+            every = all_concept_contexts(source)
+            batch_fn = concept_batch_fn(source, batch, seed)
 
-        def eval_fn(m):
-            return {"ce": concept_ce(m, source, *every)}
-    else:
-        val = source.eval_windows(gpt_config.context)
-        batch_fn = text_batch_fn(source, batch, gpt_config.context, seed)
+            def eval_fn(m):
+                return {"ce": concept_ce(m, source, *every)}
+        else:
+            val = source.eval_windows(gpt_config.context)
+            batch_fn = text_batch_fn(source, batch, gpt_config.context, seed)
 
-        def eval_fn(m):
-            return {"val_loss": text_ce(m, val)}
+            def eval_fn(m):
+                return {"val_loss": text_ce(m, val)}
 
-    result = train(model, next_token_loss, train_config, batch_fn=batch_fn, eval_fn=eval_fn, run_dir=out,
-                   progress=progress, desc=f"train gpt ({corpus})", stop_after=stop_after)
-    if result.steps < train_config.steps:
-        return {}
-    metrics = {"steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
-               "final_train_loss": result.final_loss, "history": result.history,
-               "params": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))}
-    if corpus == "concept":
-        # The loss of the training distribution (every context the sampler draws) and of the
-        # fixed contexts that are steered, both against the entropy bound.
-        ce_all = concept_ce(model, source, *every)
-        ce_fixed = concept_ce(model, source)
-        metrics.update(final_ce=ce_all, final_ce_fixed=ce_fixed, entropy=source.entropy(),
-                       gap=ce_all - source.entropy(), gap_fixed=ce_fixed - source.entropy())
-    else:
-        metrics.update(val_loss=text_ce(model, val), bigram_val_loss=source.bigram_ce(val),
-                       unigram_val_loss=source.unigram_ce(val), val_windows=int(val.shape[0]))
-        metrics["gain_over_bigram"] = metrics["bigram_val_loss"] - metrics["val_loss"]
-    io.write_json_atomic(out / io.METRICS_FILE, metrics)
+        result = train(model, next_token_loss, train_config, batch_fn=batch_fn, eval_fn=eval_fn, run_dir=out,
+                       progress=progress, desc=f"train gpt ({corpus})", stop_after=stop_after)
+        if result.steps < train_config.steps:
+            return {}
+        metrics = {"steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
+                   "final_train_loss": result.final_loss, "history": result.history,
+                   "params": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))}
+        if corpus == "concept":
+            # The loss of the training distribution (every context the sampler draws) and of the
+            # fixed contexts that are steered, both against the entropy bound.
+            ce_all = concept_ce(model, source, *every)
+            ce_fixed = concept_ce(model, source)
+            metrics.update(final_ce=ce_all, final_ce_fixed=ce_fixed, entropy=source.entropy(),
+                           gap=ce_all - source.entropy(), gap_fixed=ce_fixed - source.entropy())
+        else:
+            metrics.update(val_loss=text_ce(model, val), bigram_val_loss=source.bigram_ce(val),
+                           unigram_val_loss=source.unigram_ce(val), val_windows=int(val.shape[0]))
+            metrics["gain_over_bigram"] = metrics["bigram_val_loss"] - metrics["val_loss"]
+        io.write_json_atomic(out / io.METRICS_FILE, metrics)
     return metrics
 
 
@@ -266,15 +274,19 @@ def load_gpt_run(run_dir) -> GPTRun:
     if cfg["model"] != "gpt":
         raise io.RunError(f"run folder {str(run_dir)!r} is not a GPT run (model={cfg['model']!r})")
     if cfg["corpus"] == "concept":
-        source = ConceptData(DataConfig.from_dict(cfg["data"]))
+        source = io.from_config(run_dir, "data", lambda: ConceptData(DataConfig.from_dict(cfg["data"])))
     else:
-        source = TextCorpus(TextConfig.from_dict(cfg["text"]))
+        source = io.from_config(run_dir, "text", lambda: TextCorpus(TextConfig.from_dict(cfg["text"])))
         if source.sha256 != cfg["text_sha256"]:
             raise io.RunError(f"run folder {str(run_dir)!r} was trained on another pydoc corpus "
                               f"(another Python version); its vocabulary no longer matches")
-    model = init_gpt(GPTConfig.from_dict(cfg["gpt"]))
+    gpt_config = io.from_config(run_dir, "gpt", lambda: GPTConfig.from_dict(cfg["gpt"]))
+    if gpt_config.vocab != source.vocab:
+        raise io.RunError(f"run folder {str(run_dir)!r}: {io.CONFIG_FILE} field 'gpt' has vocab {gpt_config.vocab}, "
+                          f"its corpus {source.vocab}")
+    model = io.from_config(run_dir, "gpt", lambda: init_gpt(gpt_config))
     restore_model(model, run_dir)
-    return GPTRun(Path(run_dir), cfg, cfg["corpus"], source, model, io.read_json(Path(run_dir) / io.METRICS_FILE))
+    return GPTRun(Path(run_dir), cfg, cfg["corpus"], source, model, io.read_metrics(run_dir))
 
 
 # ---------------------------------------------------------------- what the sweep steers
@@ -358,22 +370,29 @@ def sweep_rows(run: GPTRun) -> SweepRows:
 
 def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", negative_concept=None,
               q: int | None = None, seed: int = 0, layer: int | None = None, positions: str | None = "all",
-              ce_against: str = "data", top_k: int | None = None, derivatives: int = 2,
+              ce_against: str = "data", top_k: int | None = None, top_k_at: str = "max", derivatives: int = 2,
               chunk_size: int | None = None, dtype=jnp.float32, limits: bool = False, local_ufm: bool = False,
-              text_ce: bool = False, presence: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+              text_ce: bool = False, presence: bool = False, max_output: int | None = None, sink=None,
+              progress: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """Steer a trained GPT toward concept `target` at layer `layer` and sweep it. Returns (arrays, meta).
 
     Args:
       run: a loaded GPT run.
-      alphas: the grid (any 1-D finite grid; the experiments use `scaled_grid`).
+      alphas: an increasing grid or a `kernel.Grid` (the experiments use `scaled_grid`).
       target, negatives, negative_concept, q, seed, layer, positions, ce_against: the steering
         (`GPTRun.steer`).
-      top_k: track only the k most likely tokens at the largest alpha (Fig. 6).
+      top_k, top_k_at: track only the k most likely tokens at the grid's "max" end (the
+        target's direction; Fig. 6), its "min" end, or "both" (`runs.steer.sweep_grid`).
       derivatives, chunk_size, dtype: as for the kernel.
       limits: also the Prop. 4.1 distance to LN(+-v) W^T along the grid and at alpha = +-1e4.
       local_ufm: also the local UFM's KL along the grid and its validity range.
       text_ce: (text runs) also CE on held-out text with every position steered.
       presence: also sample steered generations on a 21-point subgrid.
+      max_output: refuse (ValueError), before the grid is built, a sweep whose arrays would
+        exceed this many bytes; None for no limit (`ufmjax sweep` passes --max-output).
+      sink: where the arrays go (a `runs.sweepfile.SweepFile` streams the kernel's to disk;
+        the probes are computed in memory, [A] each after their reduction over rows).
+      progress: progress bars over the grid (the kernel's sweep and the text CE).
     Returns:
       arrays: the kernel's keys (as for the UFM) and P, N (indices into steer_prompts),
         steering_vector, prompts [M, T] (the rows), steer_prompts; concept data: p_data,
@@ -386,25 +405,24 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
       meta: a JSON-able dict (model "gpt", corpus, layer, positions, target, ...).
     """
     t0 = time.perf_counter()
-    alphas = check_alphas(alphas)
     st = run.steer(target, negatives, negative_concept=negative_concept, q=q, seed=seed, ce_against=ce_against,
                    layer=layer, positions=positions, dtype=dtype)
     model, layer, positions, target = run.model, st.meta["layer"], st.meta["positions"], st.target
     prompts = st.arrays["prompts"]
     if chunk_size is None:
         chunk_size = gpt_chunk_size(model, len(prompts), prompts.shape[1] if positions == "all" else 1)
-    tokens = None
-    if top_k is not None:
-        # Fig. 6 tracks the most likely tokens at the largest alpha in the target's direction.
-        tokens = st.top_tokens([alphas.max()] if alphas.max() > 0 else alphas, top_k)
-    arrays = st.sweep(alphas, tokens=tokens, derivatives=derivatives, chunk_size=chunk_size)
-    arrays.update(st.arrays)
-    meta: dict[str, Any] = {**st.meta, "dtype": str(jnp.dtype(dtype)), "derivatives": derivatives,
-                            "versions": versions()}
+    with_text = text_ce and run.corpus == "text"
+    extra = probe_size(st, limits=limits, local_ufm=local_ufm, text_ce_derivatives=derivatives if with_text else None,
+                       presence=PRESENCE_POINTS if presence else 0)
+    alphas, arrays = sweep_grid(st, alphas, top_k=top_k, top_k_at=top_k_at, derivatives=derivatives,
+                                chunk_size=chunk_size, max_output=max_output, extra=extra, sink=sink,
+                                progress=progress, desc="sweep gpt")
+    meta: dict[str, Any] = {**st.meta, "dtype": str(jnp.dtype(dtype)), "derivatives": derivatives, "top_k": top_k,
+                            "top_k_at": top_k_at, "versions": versions()}
     if limits or local_ufm:
         _add_probes(arrays, meta, run.model, st, alphas, chunk_size, limits, local_ufm)
-    if text_ce and run.corpus == "text":
-        _add_text_ce(arrays, meta, run, st, alphas, derivatives)
+    if with_text:
+        _add_text_ce(arrays, meta, run, st, alphas, derivatives, progress)
     new_tokens = sweep_rows(run).new_tokens
     if presence and new_tokens >= 1:
         idx = np.unique(np.linspace(0, alphas.size - 1, min(PRESENCE_POINTS, alphas.size)).round().astype(int))
@@ -424,13 +442,13 @@ def _add_probes(arrays, meta, model: GPT, st: Steering, alphas, chunk_size, limi
     add_probes(arrays, meta, st, alphas, chunk_size, limit_logits(model, st.vector) if limits else None, local_ufm)
 
 
-def _add_text_ce(arrays, meta, run: GPTRun, st: Steering, alphas, derivatives: int) -> None:
+def _add_text_ce(arrays, meta, run: GPTRun, st: Steering, alphas, derivatives: int, progress: bool = False) -> None:
     """Sec. 4: CE on held-out text with EVERY position steered; rows = (prompt, position)."""
     model = run.model
     w = run.source.spaced_windows(text_prompt_len(model) + 1, TEXT_CE_PROMPTS, "val")
     all_pos = steered_closure(model, w[:, :-1], st.vector, st.meta["layer"], "all", rows="all", dtype=st.dtype)
     add_text_ce(arrays, meta, st, all_pos, w[:, 1:].reshape(-1), alphas, derivatives,
-                gpt_chunk_size(model, w.shape[0], w.shape[1] - 1))
+                gpt_chunk_size(model, w.shape[0], w.shape[1] - 1), progress)
 
 
 def text_run(root, layers: int, *, steps: int | None = None, progress: bool = True) -> GPTRun:

@@ -31,7 +31,6 @@ from ufmjax.data.concept_tokens import (
     word_concept,
 )
 from ufmjax.data.prompts import InputError, read_text, read_texts, read_words
-from ufmjax.kernel import check_alphas
 from ufmjax.models.hf.config import Spec, load_spec
 from ufmjax.models.hf.load import load_decoder
 from ufmjax.models.hf.model import (
@@ -45,7 +44,7 @@ from ufmjax.models.hf.model import (
 )
 from ufmjax.models.hf.tokenizer import HFTokenizer, encode_texts, load_tokenizer
 from ufmjax.runs.folders import versions
-from ufmjax.runs.steer import Steering, add_probes, add_text_ce
+from ufmjax.runs.steer import Steering, add_probes, add_text_ce, probe_size, sweep_grid
 
 TEXT_WINDOWS = 8       # held-out windows whose every position enters the text Delta CE
 TEXT_WINDOW = 32       # tokens per window
@@ -255,32 +254,35 @@ def text_windows(run: HFRun, text: str, windows: int = TEXT_WINDOWS, width: int 
 
 def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_k_at: str = "max",
              derivatives: int = 2, chunk_size: int | None = None, ce_text: str | None = None,
-             limits: bool = True, local_ufm: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+             limits: bool = True, local_ufm: bool = True, max_output: int | None = None, sink=None,
+             progress: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """Sweep a steered pretrained model. Returns (arrays, meta) with the GPT run's keys.
 
+    alphas: an increasing grid or a `kernel.Grid`.
     top_k: track only the k most likely tokens (mean over prompts) at the grid's largest
-      alpha (`top_k_at="max"`) or smallest (`"min"`).
+      alpha (`top_k_at="max"`), its smallest (`"min"`) or both ends (`"both"`: up to 2k).
     ce_text: held-out text; its windows are steered at every position and their next-token
       CE gives `text_delta_ce` (with `d_`/`d2_`), `text_kl`, `text_concept_prob`.
     limits / local_ufm: the Prop. 4.1 distance and the local UFM, as for a GPT run.
+    max_output, sink, progress: as for `gpt_sweep` (a size limit checked before the grid is
+      built, where the arrays go, progress bars).
     """
     t0 = time.perf_counter()
-    alphas = check_alphas(alphas)
     M = st.arrays["prompts"].shape[0]
     T = st.arrays["prompts"].shape[1] if st.meta["positions"] == "all" else 1
     chunk = hf_chunk_size(run.spec, M, T) if chunk_size is None else chunk_size
     win = text_windows(run, ce_text) if ce_text is not None else None  # refused before any sweep
-    tokens = None
-    if top_k is not None:
-        if top_k_at not in ("max", "min"):
-            raise ValueError(f"--top-k-at must be 'max' or 'min', got {top_k_at!r}")
-        end = alphas.max() if top_k_at == "max" else alphas.min()
-        tokens = st.top_tokens([end], top_k)
-    arrays = st.sweep(alphas, tokens=tokens, derivatives=derivatives, chunk_size=chunk)
-    arrays.update(st.arrays)
-    arrays["token_strs"] = np.asarray(run.token_strs())[arrays["tokens"]]  # decoded tracked tokens
-    meta: dict[str, Any] = {**st.meta, "dtype": str(st.dtype), "derivatives": derivatives, "top_k_at": top_k_at,
-                            "versions": versions()}
+    strs = run.token_strs()
+    K = len(strs) if top_k is None else min(len(strs), top_k * (2 if top_k_at == "both" else 1))
+    fixed = 4 * K * max(map(len, strs), default=1) + (0 if win is None else win.nbytes)  # token_strs, windows
+    extra = probe_size(st, limits=limits, local_ufm=local_ufm,
+                       text_ce_derivatives=None if win is None else derivatives, fixed=fixed)
+    alphas, arrays = sweep_grid(st, alphas, top_k=top_k, top_k_at=top_k_at, derivatives=derivatives,
+                                chunk_size=chunk, max_output=max_output, extra=extra, sink=sink,
+                                progress=progress, desc="sweep hf")
+    arrays["token_strs"] = np.asarray(strs)[arrays["tokens"]]  # decoded tracked tokens
+    meta: dict[str, Any] = {**st.meta, "dtype": str(st.dtype), "derivatives": derivatives, "top_k": top_k,
+                            "top_k_at": top_k_at, "versions": versions()}
     if limits or local_ufm:
         add_probes(arrays, meta, st, alphas, chunk, limit_logits(run.model, st.vector, st.dtype) if limits else None,
                    local_ufm)
@@ -288,7 +290,8 @@ def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_
         all_pos = steered_closure(run.model, list(win[:, :-1]), st.vector, st.meta["layer"], "all", rows="all",
                                   dtype=st.dtype)
         add_text_ce(arrays, meta, st, all_pos, win[:, 1:].reshape(-1), alphas, derivatives,
-                    hf_chunk_size(run.spec, win.shape[0], win.shape[1] - 1) if chunk_size is None else chunk_size)
+                    hf_chunk_size(run.spec, win.shape[0], win.shape[1] - 1) if chunk_size is None else chunk_size,
+                    progress)
         arrays["text_windows"] = win
     meta["seconds"] = time.perf_counter() - t0
     return arrays, meta

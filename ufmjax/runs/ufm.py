@@ -13,10 +13,11 @@ from ufmjax.common import log_softmax64
 from ufmjax.data import ConceptData, DataConfig, select_steering_sets
 from ufmjax.models.ufm import UFM, UFMConfig, ufm_loss, ufm_steered, ufm_steering_vector
 from ufmjax.runs import io
-from ufmjax.runs.folders import check_finished, open_run, versions
-from ufmjax.runs.steer import Steering, check_ce_against
-from ufmjax.runs.train import TrainConfig, restore_model, train
+from ufmjax.runs.folders import check_finished, open_run, run_lock, versions
+from ufmjax.runs.steer import Steering, check_ce_against, sweep_grid
+from ufmjax.runs.train import TrainConfig, check_seed, restore_model, train
 
+UFM_METRICS = ("final_ce", "entropy", "gap", "steps", "seconds")  # what a finished run reports
 UFM_TRAIN_DEFAULTS = TrainConfig(steps=2000, lr=0.05, clip=0.0, ckpt_every=500)
 
 
@@ -26,24 +27,28 @@ def train_ufm_run(out, data_config: DataConfig, *, dim: int = 16, seed: int = 0,
     """Train a UFM on the exact expected cross-entropy of a concept dataset; write a run folder.
 
     Re-running on a finished run with the same configuration returns its metrics (no work);
-    an unfinished run resumes from its last checkpoint. Returns the metrics dict.
+    an unfinished run resumes from its last checkpoint. Returns the metrics dict. Raises
+    RunError when another ufmjax process trains into `out`, TrainingDiverged when the loss blows up.
     """
+    seed = check_seed(seed)
     data = ConceptData(data_config)
     ufm_config = UFMConfig(vocab=data.vocab, contexts=data.num_contexts, dim=dim)
     config = {"model": "ufm", "data": data_config.to_dict(), "ufm": ufm_config.to_dict(),
               "train": train_config.to_dict(), "seed": seed, "versions": versions()}
-    out, finished = open_run(out, config, force)
-    if finished is not None:
-        return finished
+    # The folder is locked from opening the run to writing metrics.json (one process per run).
+    with run_lock(out):
+        out, finished = open_run(out, config, force)
+        if finished is not None:
+            return io.check_metrics(finished, out, UFM_METRICS)
 
-    model = UFM(ufm_config, rngs=nnx.Rngs(seed))
-    batch = (jnp.asarray(data.p_MxV, jnp.float32), jnp.asarray(data.pi, jnp.float32))
-    result = train(model, ufm_loss, train_config, batch_fn=lambda step: batch, run_dir=out,
-                   progress=progress, desc="train ufm")
-    final_ce = ufm_ce64(model, data)
-    metrics = {"final_ce": final_ce, "entropy": data.entropy(), "gap": final_ce - data.entropy(),
-               "steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from}
-    io.write_json_atomic(out / io.METRICS_FILE, metrics)
+        model = UFM(ufm_config, rngs=nnx.Rngs(seed))
+        batch = (jnp.asarray(data.p_MxV, jnp.float32), jnp.asarray(data.pi, jnp.float32))
+        result = train(model, ufm_loss, train_config, batch_fn=lambda step: batch, run_dir=out,
+                       progress=progress, desc="train ufm")
+        final_ce = ufm_ce64(model, data)
+        metrics = {"final_ce": final_ce, "entropy": data.entropy(), "gap": final_ce - data.entropy(),
+                   "steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from}
+        io.write_json_atomic(out / io.METRICS_FILE, metrics)
     return metrics
 
 
@@ -106,27 +111,42 @@ def load_ufm_run(run_dir) -> UFMRun:
     cfg = check_finished(run_dir)
     if cfg["model"] != "ufm":
         raise io.RunError(f"run folder {str(run_dir)!r} is not a UFM run (model={cfg['model']!r})")
-    data = ConceptData(DataConfig.from_dict(cfg["data"]))
-    model = UFM(UFMConfig(**cfg["ufm"]), rngs=nnx.Rngs(0))
+    data = io.from_config(run_dir, "data", lambda: ConceptData(DataConfig.from_dict(cfg["data"])))
+    ufm_config = io.from_config(run_dir, "ufm", lambda: UFMConfig(**cfg["ufm"]))
+    if (ufm_config.vocab, ufm_config.contexts) != (data.vocab, data.num_contexts):
+        raise io.RunError(f"run folder {str(run_dir)!r}: {io.CONFIG_FILE} field 'ufm' (vocab {ufm_config.vocab}, "
+                          f"contexts {ufm_config.contexts}) does not match its data ({data.vocab}, {data.num_contexts})")
+    # Shapes only: the checkpoint replaces every parameter (a UFM holds nothing else), so its
+    # random initialisation would only cost a compile per new shape.
+    model = nnx.eval_shape(lambda: UFM(ufm_config, rngs=nnx.Rngs(0)))
     restore_model(model, run_dir)
-    return UFMRun(Path(run_dir), cfg, data, model, io.read_json(Path(run_dir) / io.METRICS_FILE))
+    return UFMRun(Path(run_dir), cfg, data, model, io.read_metrics(run_dir))
 
 
 def ufm_sweep(run: UFMRun, alphas, *, target: int, negatives: str = "contrastive",
               negative_concept: int | None = None, q: int | None = None, seed: int = 0,
-              ce_against: str = "data", top_k: int | None = None, derivatives: int = 2,
+              ce_against: str = "data", top_k: int | None = None, top_k_at: str = "max", derivatives: int = 2,
               chunk_size: int | None = None, dtype=jnp.float32, layer=None,
-              positions: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+              positions: str | None = None, max_output: int | None = None, sink=None,
+              progress: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """Steer a trained UFM toward `target` and sweep it. Returns (arrays, meta).
 
+    `alphas`: an increasing grid, or a `kernel.Grid` (built once its output size is accepted).
     `ce_against`: "data" measures cross-entropy against the true table p(z|c_j) with the
     context probabilities pi; "model" against the model's own unsteered distribution.
+    `top_k`, `top_k_at`: track only the k most likely tokens at the grid's "max" end (the
+    target's direction), its "min" end, or "both" (`runs.steer.sweep_grid`).
+    `max_output`: refuse (ValueError), before the grid is built, a sweep whose arrays would
+    exceed this many bytes; None (default) for no limit (`ufmjax sweep` passes --max-output).
+    `sink`: where the arrays go (a `runs.sweepfile.SweepFile` streams them to disk); a dict by default.
+    `progress`: a progress bar over the grid.
     `layer` and `positions` are refused as `UFMRun.steer` refuses them (GPT options).
     """
     st = run.steer(target, negatives, negative_concept=negative_concept, q=q, seed=seed, ce_against=ce_against,
                    layer=layer, positions=positions, dtype=dtype)
-    tokens = None if top_k is None else st.top_tokens(alphas, top_k)
-    arrays = st.sweep(alphas, tokens=tokens, derivatives=derivatives, chunk_size=chunk_size)
-    arrays.update(st.arrays)
-    meta = {**st.meta, "dtype": str(jnp.dtype(dtype)), "derivatives": derivatives, "versions": versions()}
+    _, arrays = sweep_grid(st, alphas, top_k=top_k, top_k_at=top_k_at, derivatives=derivatives,
+                           chunk_size=chunk_size, max_output=max_output, sink=sink, progress=progress,
+                           desc="sweep ufm")
+    meta = {**st.meta, "dtype": str(jnp.dtype(dtype)), "derivatives": derivatives, "top_k": top_k,
+            "top_k_at": top_k_at, "versions": versions()}
     return arrays, meta
