@@ -52,6 +52,10 @@ def test_sweep_writes_documented_npz(cli_run, tmp_path, negatives):
     (["--target", "0", "--alphas", "5:1:3"], "alphas"),
     (["--target", "0", "--layer", "1"], "layer"),
     (["--target", "0", "--top-k", "20"], "top_k"),
+    (["--target", "0", "--positions", "last"], "--positions applies to GPT runs"),
+    (["--target", "0", "--positions", "all"], "--positions applies to GPT runs"),  # once silently accepted
+    (["--target", "uppercase"], "unknown target concept 'uppercase'"),
+    (["--target", "0", "--negatives", "random", "--seed", "-1"], "seed must be a non-negative integer"),  # a name reaches the run's check
 ])
 def test_sweep_user_errors(cli_run, tmp_path, capsys, argv, match):
     out = tmp_path / "bad.npz"
@@ -74,9 +78,55 @@ def test_train_user_errors(tmp_path, capsys, argv, match):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv, match", [
+    (["--batch", "0"], "batch must be a positive integer, got 0"),  # once silently 256
+    (["--corpus", "text", "--vocab", "12"], "--vocab applies to --corpus concept only"),  # once ignored
+    (["--corpus", "text", "--context-len", "3"], "--context-len applies to --corpus concept only"),
+    (["--val-frac", "0.2"], "--val-frac applies to --corpus text only"),
+])
+def test_train_gpt_refuses_what_it_would_ignore(tmp_path, capsys, argv, match):
+    out = tmp_path / "run"
+    assert main(["train", "gpt", *argv, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_unknown_run_folder(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "missing"), "--target", "0", "--out", str(tmp_path / "x.npz")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["sweep", str(tmp_path), "--target", "0", "--out", str(tmp_path / "x.npz")]) == 2
     assert "not a ufmjax run" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_diverging_training_exits_1_and_saves_nothing(tmp_path, capsys):
+    out = tmp_path / "run"  # --lr 1e6 once ran to a CE of 5.5e9 and exited 0
+    assert main(["train", "ufm", "--lr", "1e6", "--steps", "5", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "diverged" in err and "--lr" in err and len(err.splitlines()) == 1
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("where", ["config.json", "metrics.json", "checkpoints/x.json", "dir.json", "file/x.json",
+                                   "/proc/opt.json"])
+def test_optimize_output_refused_before_any_work(cli_run, tmp_path, capsys, where):
+    (tmp_path / "dir.json").mkdir()
+    (tmp_path / "file").write_text("a file\n")
+    before = {p: p.read_bytes() for p in cli_run.rglob("*") if p.is_file()}
+    out = cli_run / where if where.split("/")[0] in ("config.json", "metrics.json", "checkpoints") \
+        else (tmp_path / where if not where.startswith("/") else where)
+    assert main(["optimize", str(cli_run), "--target", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--out" in err and len(err.splitlines()) == 1
+    assert {p: p.read_bytes() for p in cli_run.rglob("*") if p.is_file()} == before  # the run is untouched
+
+
+def test_sweep_never_writes_into_a_runs_own_files(cli_run, capsys):
+    out = cli_run / "checkpoints" / "s.npz"
+    assert main(["sweep", str(cli_run), "--target", "0", "--alphas", "0:1:3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "checkpoints" in err and not out.exists()
+    beside = cli_run / "s.npz"  # beside the run's files is fine
+    assert main(["sweep", str(cli_run), "--target", "0", "--alphas", "0:1:3", "--out", str(beside)]) == 0
+    beside.unlink()

@@ -17,15 +17,16 @@ import jax
 import jax.numpy as jnp
 
 from ufmjax.data import DataConfig, TextConfig
-from ufmjax.kernel import parse_alphas
+from ufmjax.kernel import output_bytes, parse_alphas, parse_grid
 from ufmjax.models.hf.config import load_spec
 from ufmjax.optimize import Objective, optimize
 from ufmjax.report import reproduce
 from ufmjax.data.concept_tokens import CONCEPT_NAMES
 from ufmjax.runs import gpt as gpt_runs
 from ufmjax.runs import hf as hf_runs
-from ufmjax.runs import io, load_run, save_sweep, train_ufm_run, ufm_sweep, versions
-from ufmjax.runs.train import TrainConfig
+from ufmjax.runs.folders import check_output
+from ufmjax.runs import io, load_run, save_sweep, sweepfile, train_ufm_run, ufm_sweep, versions
+from ufmjax.runs.train import TrainConfig, TrainingDiverged
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
@@ -73,12 +74,15 @@ def _add_train_gpt(p) -> None:
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW decay (concept 0, text 0.01)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every k steps (text 500)")
     p.add_argument("--ckpt-every", type=int, default=None, help="checkpoint every k steps (default: eval-every)")
-    p.add_argument("--val-frac", type=float, default=0.1, help="text: validation share (the end of the text)")
-    p.add_argument("--vocab", type=int, default=9, help="concept: vocabulary size V")
-    p.add_argument("--concepts", type=int, default=3, help="concept: number of concepts G")
-    p.add_argument("--eps", type=float, default=0.05, help="concept: off-concept mass")
-    p.add_argument("--context-len", type=int, default=4, help="concept: tokens per context (T-1)")
-    p.add_argument("--contexts-per-concept", type=int, default=4, help="concept: steered contexts per concept")
+    # Corpus-specific options default to None so that one given with the other corpus is
+    # refused by name instead of silently ignored.
+    p.add_argument("--val-frac", type=float, default=None, help="text: validation share (the end of the text; 0.1)")
+    p.add_argument("--vocab", type=int, default=None, help="concept: vocabulary size V (9)")
+    p.add_argument("--concepts", type=int, default=None, help="concept: number of concepts G (3)")
+    p.add_argument("--eps", type=float, default=None, help="concept: off-concept mass (0.05)")
+    p.add_argument("--context-len", type=int, default=None, help="concept: tokens per context (T-1) (4)")
+    p.add_argument("--contexts-per-concept", type=int, default=None,
+                   help="concept: steered contexts per concept (4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing run folder")
@@ -110,11 +114,13 @@ def _train_gpt(args) -> dict:
     """`ufmjax train gpt ...`: train, then print one summary line."""
     gpt, train_cfg, batch = gpt_configs_from_args(args)
     if args.corpus == "concept":
-        kw = {"data_config": DataConfig(vocab=args.vocab, concepts=args.concepts, eps=args.eps,
-                                        context_len=args.context_len,
-                                        contexts_per_concept=args.contexts_per_concept, seed=args.seed)}
+        _refuse_given(args, TEXT_ONLY, "applies to --corpus text only")
+        given = {k: getattr(args, k) for k in CONCEPT_ONLY_FIELDS if getattr(args, k) is not None}
+        kw = {"data_config": DataConfig(**given, seed=args.seed)}
     else:
-        kw = {"text_config": TextConfig(val_frac=args.val_frac)}
+        _refuse_given(args, tuple("--" + k.replace("_", "-") for k in CONCEPT_ONLY_FIELDS),
+                      "applies to --corpus concept only")
+        kw = {"text_config": TextConfig() if args.val_frac is None else TextConfig(val_frac=args.val_frac)}
     metrics = gpt_runs.train_gpt_run(args.out, args.corpus, gpt=gpt, train_config=train_cfg, batch=batch, seed=args.seed,
                             progress=not args.quiet, force=args.force, **kw)
     if args.corpus == "concept":
@@ -124,6 +130,10 @@ def _train_gpt(args) -> dict:
         print(f"val_loss={metrics['val_loss']:.4f} bigram={metrics['bigram_val_loss']:.4f} "
               f"unigram={metrics['unigram_val_loss']:.4f} nats/char  {metrics['seconds']:.1f}s  ({args.out})")
     return metrics
+
+
+CONCEPT_ONLY_FIELDS = ("vocab", "concepts", "eps", "context_len", "contexts_per_concept")  # DataConfig fields
+TEXT_ONLY = ("--val-frac",)
 
 
 def cmd_train(args) -> int:
@@ -191,15 +201,24 @@ def _add_hf_args(p) -> None:
 def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="sweep a trained run or a pretrained model over an alpha grid into an .npz")
     p.add_argument("run", nargs="?", default=None, help="run folder (or --hf DIR)")
-    p.add_argument("--target", type=int, default=None, help="target concept index (runs)")
+    p.add_argument("--target", default=None,
+                   help="target concept index (text GPT runs: also a class name, e.g. uppercase); runs only")
     _add_steering_args(p)
     _add_hf_args(p)
-    p.add_argument("--top-k-at", choices=["max", "min"], default="max",
-                   help="--hf: take the top-k tokens at the grid's largest (max) or smallest alpha")
     p.add_argument("--alphas", default="-20:20:401", help="START:STOP:NUM (default -20:20:401)")
-    p.add_argument("--top-k", type=int, default=None, help="track only the k most likely tokens at max |alpha|")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="track only the k most likely tokens (mean over rows) at the end --top-k-at names")
+    p.add_argument("--top-k-at", choices=["max", "min", "both"], default="max",
+                   help="where --top-k takes its tokens: the grid's largest alpha (max, the target's direction; "
+                        "default), its smallest (min), or both ends (the union: up to 2k tokens)")
     p.add_argument("--chunk-size", type=int, default=None, help="alphas per compiled call")
     p.add_argument("--float64", action="store_true", help="compute in float64")
+    p.add_argument("--max-output", default=f"{sweepfile.MAX_OUTPUT >> 30}GiB", metavar="SIZE",
+                   help="refuse, before any work, a grid whose arrays would exceed SIZE uncompressed "
+                        "(e.g. 8GiB, 500MB, or bytes; default %(default)s)")
+    p.add_argument("--no-compress", action="store_true",
+                   help="store the .npz's arrays uncompressed: ~3x larger, about twice as fast on long grids")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help=".npz file to write")
 
 
@@ -216,6 +235,14 @@ def _source(args) -> None:
         if getattr(args, "target", None) is None:
             raise ValueError("--target is required with a run folder")
         _refuse_given(args, HF_ONLY, "applies to --hf models only")
+
+
+def _load_run(args):
+    """The run folder of `args.run`, with the GPT-only options refused on a UFM run."""
+    run = load_run(args.run)
+    if not isinstance(run, gpt_runs.GPTRun):
+        _refuse_given(args, ("--layer", "--positions"), "applies to GPT runs (a UFM has no layers or positions)")
+    return run
 
 
 def _refuse_given(args, options, why: str) -> None:
@@ -272,40 +299,61 @@ def _hf_steering(args, dtype):
     return run, st, inputs
 
 
-def _sweep_hf(args, alphas, dtype):
+def _sweep_hf(args, alphas, dtype, **kw):
     run, st, inputs = _hf_steering(args, dtype)
     ce_text = inputs.ce_text if inputs.ce_text is not None else hf_runs.default_ce_text()
     return hf_runs.hf_sweep(run, st, alphas, top_k=args.top_k, top_k_at=args.top_k_at, chunk_size=args.chunk_size,
-                            ce_text=ce_text)
+                            ce_text=ce_text, **kw)
 
 
 def cmd_sweep(args) -> int:
     # A scoped switch, not a global one: the CLI is also called in-process (tests, notebooks).
     with jax.enable_x64(True) if args.float64 else contextlib.nullcontext():
         _source(args)
-        alphas = parse_alphas(args.alphas)
+        grid = parse_grid(args.alphas)  # checked, not built: its output size is checked first
+        max_output = sweepfile.parse_size(args.max_output, "--max-output")
         if not args.out.endswith(".npz"):
             raise ValueError(f"out must be a .npz file, got {args.out!r}")
+        check_output(args.out, "--out")  # a run's own files, or a path that cannot be written
         dtype = jnp.float64 if args.float64 else jnp.float32
-        if args.hf is not None:
-            arrays, meta = _sweep_hf(args, alphas, dtype)
-            save_sweep(args.out, arrays, meta)
-            print(f"wrote {args.out}: {arrays['alphas'].size} alphas x {arrays['probs_base'].shape[0]} prompts "
-                  f"({meta['model_type']}, layer {meta['layer']}/{meta['layers']}), "
-                  f"max delta_ce={arrays['delta_ce'].max():.4g}")
-            return 0
-        run = load_run(args.run)
-        kw = dict(target=args.target, negatives=args.negatives, top_k=args.top_k, chunk_size=args.chunk_size,
-                  dtype=dtype, **_steer_kwargs(args))
-        if isinstance(run, gpt_runs.GPTRun):
-            arrays, meta = gpt_runs.gpt_sweep(run, alphas, limits=True, local_ufm=True, text_ce=True, presence=True,
-                                              **kw)
-        else:
-            arrays, meta = ufm_sweep(run, alphas, **kw)
-        save_sweep(args.out, arrays, meta)
-    print(f"wrote {args.out}: {arrays['alphas'].size} alphas x {arrays['probs_base'].shape[0]} contexts, "
-          f"max delta_ce={arrays['delta_ce'].max():.4g}")
+        _sweep_size_first(args, grid.size, max_output, dtype)
+        kw = dict(top_k=args.top_k, top_k_at=args.top_k_at, chunk_size=args.chunk_size, max_output=max_output,
+                  progress=not args.quiet)
+        # The file is opened (its folder checked writable) before any model is loaded; results
+        # stream into it chunk by chunk and it appears, whole, only once everything is computed.
+        with sweepfile.SweepFile(args.out, progress=not args.quiet, compress=not args.no_compress) as sink:
+            if args.hf is not None:
+                arrays, meta = _sweep_hf(args, grid, dtype, sink=sink, **{k: kw[k] for k in ("max_output", "progress")})
+                what = (f"prompts ({meta['model_type']}, layer {meta['layer']}/{meta['layers']})")
+            else:
+                run = _load_run(args)
+                kw.update(target=args.target, negatives=args.negatives, dtype=dtype, sink=sink, **_steer_kwargs(args))
+                if isinstance(run, gpt_runs.GPTRun):
+                    arrays, meta = gpt_runs.gpt_sweep(run, grid, limits=True, local_ufm=True, text_ce=True,
+                                                      presence=True, **kw)
+                else:
+                    arrays, meta = ufm_sweep(run, grid, **kw)
+                what = "contexts"
+            summary = (f"{grid.size} alphas x {arrays['probs_base'].shape[0]} {what}, "
+                       f"max delta_ce={arrays['delta_ce'].max():.4g}")
+            sink.commit(meta)
+    print(f"wrote {args.out}: {summary}")
     return 0
+
+
+def _sweep_size_first(args, num: int, max_output: int, dtype) -> None:
+    """Refuse a grid too long for --max-output before any model is read: a UFM run's size from
+    its config.json alone; a pretrained model's lower bound (one prompt) from its config."""
+    if args.hf is not None:
+        V = load_spec(args.hf).vocab
+        K = V if args.top_k is None else min(V, args.top_k * (2 if args.top_k_at == "both" else 1))
+        per_alpha, fixed = output_bytes(rows=1, vocab=V, concepts=1, tokens=K, dtype=dtype)
+        sweepfile.check_output_size(per_alpha * num + fixed, max_output, num, at_least=True)
+        return
+    size = sweepfile.config_size(io.load_run_config(args.run), top_k=args.top_k, top_k_at=args.top_k_at,
+                                 dtype=dtype)
+    if size is not None:
+        sweepfile.check_output_size(size.total(num), max_output, num)
 
 
 # ---------------------------------------------------------------- optimize
@@ -353,6 +401,7 @@ def cmd_optimize(args) -> int:
     with jax.enable_x64(True) if not args.float32 else contextlib.nullcontext():
         if not args.out.endswith(".json"):
             raise ValueError(f"out must be a .json file, got {args.out!r}")
+        check_output(args.out, "--out")  # before any work: a path that cannot be written, or a run's own file
         objective = Objective(args.objective, lam=args.lam, budget=args.budget, level=args.level,
                               metric=args.metric)
         dtype = jnp.float32 if args.float32 else jnp.float64
@@ -360,7 +409,7 @@ def cmd_optimize(args) -> int:
         if args.hf is not None:
             st = _hf_steering(args, dtype)[1]
         else:
-            st = load_run(args.run).steer(args.target, args.negatives, dtype=dtype, **_steer_kwargs(args))
+            st = _load_run(args).steer(args.target, args.negatives, dtype=dtype, **_steer_kwargs(args))
         problem = st.problem(contexts=_contexts(args.contexts))
         result = optimize(problem, objective, per_context=args.per_context, method=args.method, tol=args.tol,
                           max_iter=args.max_iter, alpha_max=args.alpha_max, lr=args.lr)
@@ -451,7 +500,8 @@ def add_bench_args(p) -> None:
     mode.add_argument("--full", action="store_true",
                       help="also the full 20,000 alphas x 32 contexts x 50,257 tokens memory run")
     p.add_argument("--sections", default=None,
-                   help="comma-separated subset of: ufm_exp, ufm_numpy, gpt, optimize, scaling, memory, precision, hf_load")
+                   help="comma-separated subset of: ufm_exp, ufm_numpy, gpt, optimize, scaling, memory, precision, "
+                        "hf_load, sweep_memory")
     p.add_argument("--quiet", action="store_true", help="no per-section progress lines")
 
 
@@ -498,14 +548,26 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (a message with line breaks is joined)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if not isinstance(e, OSError) or e.filename is None or str(e.filename) in text \
+        else f"{text}: {e.filename}"
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, io.CheckpointError, FileNotFoundError) as e:
-        print(f"ufmjax {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, io.CheckpointError, OSError) as e:
+        # OSError: a path the system refuses (permissions, /proc, a file where a folder is
+        # needed) is the user's to fix, so it gets one line too.
+        print(f"ufmjax {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:  # not the user's typing: the run itself failed
+        print(f"ufmjax {args.command}: {_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ufmjax: interrupted", file=sys.stderr)
         return 130

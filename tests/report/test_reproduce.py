@@ -49,6 +49,7 @@ def test_reproduce_quick_passes_every_law(tmp_path, capsys, monkeypatch):
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     monkeypatch.delenv("UFMJAX_PROGRESS", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: the step text is not cut short
     again = reproduce(out, quick=True, progress=True, sections=[gpt_concept_section])
     monkeypatch.undo()
     assert again["all_passed"] and metrics.stat().st_mtime_ns == before

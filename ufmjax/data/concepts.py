@@ -221,6 +221,8 @@ def select_steering_sets(context_concept_M, target: int, negatives: str = "contr
     """
     cc = np.asarray(context_concept_M)
     G = int(cc.max()) + 1
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(target, (int, np.integer)) or not 0 <= target < G:
         raise ValueError(f"target must be a concept in [0, {G}), got {target!r}")
     pos = np.flatnonzero(cc == target)

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -211,6 +212,17 @@ def from_config(run_dir, field: str, build: Callable[[], Any]):
 
 def run_finished(run_dir) -> bool:
     return (Path(run_dir) / METRICS_FILE).is_file()
+
+
+def check_metrics(metrics: dict, run_dir, keys) -> dict:
+    """`metrics` if each of `keys` holds a finite number, else RunError naming the key and the
+    file (a damaged metrics.json is reported, not printed as a KeyError)."""
+    for key in keys:
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RunError(f"run folder {str(run_dir)!r}: {METRICS_FILE} has no finite number {key!r} "
+                           f"(damaged? train again with --force)")
+    return metrics
 
 
 def read_metrics(run_dir) -> dict:
