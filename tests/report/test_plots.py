@@ -363,3 +363,9 @@ def test_hf_figures_legends_cover_no_curve_and_name_drawn_lines():
                              {"layer": 2, "arrays": {**arrays, "text_delta_ce": arrays["text_delta_ce"] / 2},
                               "scale": 0.5}], title="test")
     assert plots.legend_problems(layers) == []
+
+
+def test_hf_token_labels_never_look_empty():
+    from ufmjax.report.hf_figures import _label
+
+    assert [_label(t) for t in (" ", " the", "the", "", "\n")] == ["' '", "' the'", "the", "''", "\\n"]

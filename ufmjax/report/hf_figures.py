@@ -21,7 +21,10 @@ from ufmjax.report.plots import new_figure, place_legends, save_figure
 
 
 def _label(s: str) -> str:
-    return repr(str(s))[1:-1][:12] or "''"
+    """A token as a legend label: escapes shown, and a token that is or holds only whitespace
+    (BPE's leading-space tokens) quoted, so it does not read as an empty entry."""
+    text = repr(str(s))[1:-1][:12]
+    return f"'{text}'" if not text.strip() or text != text.strip() else text
 
 
 def hf_layer_figure(arrays: dict, summary: dict, path, *, title: str) -> Path:
