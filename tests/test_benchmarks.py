@@ -208,8 +208,8 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     # sweep_memory: both `ufmjax sweep` runs wrote their files (else the section fails) and the
     # 1e8-alpha grid was refused with its estimate (the reference UFM: 2612 bytes per alpha).
     mem = {r["name"]: r for s in report["sections"] if s["name"] == "sweep_memory" for r in s["rows"]}
-    assert "--max-output" in mem["1e8 alphas refused (run loading included)"]["note"]
-    assert "243 GiB" in mem["1e8 alphas refused (run loading included)"]["note"]
+    assert "--max-output" in mem["1e8 alphas refused (a fresh process, start-up included)"]["note"]
+    assert "243 GiB" in mem["1e8 alphas refused (a fresh process, start-up included)"]["note"]
     assert mem["peak memory 100,000 / 1,000 alphas"]["target"] == "<= 1.2"
 
 

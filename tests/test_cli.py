@@ -130,3 +130,17 @@ def test_sweep_never_writes_into_a_runs_own_files(cli_run, capsys):
     beside = cli_run / "s.npz"  # beside the run's files is fine
     assert main(["sweep", str(cli_run), "--target", "0", "--alphas", "0:1:3", "--out", str(beside)]) == 0
     beside.unlink()
+
+
+def test_a_grid_too_large_is_refused_before_jax_is_imported(cli_run, tmp_path):
+    """1e8 alphas: refused from the run's config.json alone, with the estimate, in a process
+    that never imports JAX (its ~2 s import would be most of the wait)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ufmjax.cli import main; "
+            f"rc = main(['sweep', {str(cli_run)!r}, '--target', '0', '--alphas', '0:1:100000000', "
+            f"'--out', {str(tmp_path / 'huge.npz')!r}]); print(rc, 'jax' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], (proc.stdout, proc.stderr)
+    assert "--max-output" in proc.stderr and "GiB" in proc.stderr and not (tmp_path / "huge.npz").exists()

@@ -8,25 +8,47 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import importlib.util
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-
-from ufmjax.data import DataConfig, TextConfig
-from ufmjax.kernel import output_bytes, parse_alphas, parse_grid
-from ufmjax.models.hf.config import load_spec
-from ufmjax.optimize import Objective, optimize
-from ufmjax.report import reproduce
+# Imported at once: numpy-only modules, so `--help` and the checks that come before any work
+# (the grid, the output's size and path, the run's config.json) answer without JAX.
+from ufmjax.data import CORPORA
 from ufmjax.data.concept_tokens import CONCEPT_NAMES
-from ufmjax.runs import gpt as gpt_runs
-from ufmjax.runs import hf as hf_runs
+from ufmjax.kernel.grid import output_bytes, parse_grid, tracked_count
+from ufmjax.runs import io, sweepfile
 from ufmjax.runs.folders import check_output
-from ufmjax.runs import io, load_run, save_sweep, sweepfile, train_ufm_run, ufm_sweep, versions
-from ufmjax.runs.train import TrainConfig, TrainingDiverged
+
+
+class _Lazy:
+    """A module imported on its first attribute access (JAX, Flax and the models take ~2.5 s
+    to import: a command refused by its arguments should not wait for them)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+jax = _Lazy("jax")
+jnp = _Lazy("jax.numpy")
+gpt_runs = _Lazy("ufmjax.runs.gpt")
+hf_runs = _Lazy("ufmjax.runs.hf")
+hf_config = _Lazy("ufmjax.models.hf.config")
+data = _Lazy("ufmjax.data")
+runs = _Lazy("ufmjax.runs")
+train_mod = _Lazy("ufmjax.runs.train")
+optim = _Lazy("ufmjax.optimize")
+
+
+def reproduce(*args, **kwargs):
+    """`ufmjax.report.reproduce.reproduce`, imported when called."""
+    return importlib.import_module("ufmjax.report.reproduce").reproduce(*args, **kwargs)
+
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
@@ -57,7 +79,7 @@ def _add_train(sub) -> None:
 
 def _add_train_gpt(p) -> None:
     """Options of `ufmjax train gpt`."""
-    p.add_argument("--corpus", choices=gpt_runs.CORPORA, default="concept",
+    p.add_argument("--corpus", choices=CORPORA, default="concept",
                    help="concept: the concept dataset; text: characters of Python's bundled docs")
     p.add_argument("--layers", type=int, default=None, help="blocks L (concept 1, text 2)")
     p.add_argument("--width", type=int, default=None, help="residual width D (concept 32, text 64)")
@@ -116,11 +138,11 @@ def _train_gpt(args) -> dict:
     if args.corpus == "concept":
         _refuse_given(args, TEXT_ONLY, "applies to --corpus text only")
         given = {k: getattr(args, k) for k in CONCEPT_ONLY_FIELDS if getattr(args, k) is not None}
-        kw = {"data_config": DataConfig(**given, seed=args.seed)}
+        kw = {"data_config": data.DataConfig(**given, seed=args.seed)}
     else:
         _refuse_given(args, tuple("--" + k.replace("_", "-") for k in CONCEPT_ONLY_FIELDS),
                       "applies to --corpus concept only")
-        kw = {"text_config": TextConfig() if args.val_frac is None else TextConfig(val_frac=args.val_frac)}
+        kw = {"text_config": data.TextConfig() if args.val_frac is None else data.TextConfig(val_frac=args.val_frac)}
     metrics = gpt_runs.train_gpt_run(args.out, args.corpus, gpt=gpt, train_config=train_cfg, batch=batch, seed=args.seed,
                             progress=not args.quiet, force=args.force, **kw)
     if args.corpus == "concept":
@@ -149,11 +171,11 @@ def cmd_train(args) -> int:
         except ValueError:
             raise ValueError(f"{name} must be comma-separated numbers, got {text!r}") from None
 
-    data_cfg = DataConfig(vocab=args.vocab, concepts=args.concepts, eps=args.eps,
+    data_cfg = data.DataConfig(vocab=args.vocab, concepts=args.concepts, eps=args.eps,
                           context_len=args.context_len, contexts_per_concept=args.contexts_per_concept,
                           gamma=floats("gamma", args.gamma), omega=floats("omega", args.omega), seed=args.seed)
-    train_cfg = TrainConfig(steps=args.steps, lr=args.lr, clip=0.0, ckpt_every=args.ckpt_every)
-    metrics = train_ufm_run(args.out, data_cfg, dim=args.dim, seed=args.seed, train_config=train_cfg,
+    train_cfg = train_mod.TrainConfig(steps=args.steps, lr=args.lr, clip=0.0, ckpt_every=args.ckpt_every)
+    metrics = runs.train_ufm_run(args.out, data_cfg, dim=args.dim, seed=args.seed, train_config=train_cfg,
                             progress=not args.quiet, force=args.force)
     print(f"final_ce={metrics['final_ce']:.6f} entropy={metrics['entropy']:.6f} "
           f"gap={metrics['gap']:.2e} nats  ({args.out})")
@@ -239,7 +261,7 @@ def _source(args) -> None:
 
 def _load_run(args):
     """The run folder of `args.run`, with the GPT-only options refused on a UFM run."""
-    run = load_run(args.run)
+    run = runs.load_run(args.run)
     if not isinstance(run, gpt_runs.GPTRun):
         _refuse_given(args, ("--layer", "--positions"), "applies to GPT runs (a UFM has no layers or positions)")
     return run
@@ -272,7 +294,7 @@ def _hf_inputs(args):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.weights_dtype == "float64" and not jax.config.jax_enable_x64:
         raise ValueError("--weights-dtype float64 needs a float64 computation (sweep --float64; optimize's default)")
-    spec = load_spec(args.hf)  # config.json alone: the layer is checked before any weight is read
+    spec = hf_config.load_spec(args.hf)  # config.json alone: the layer is checked before any weight is read
     if getattr(args, "layer", None) is not None and not 0 <= args.layer <= spec.layers:
         raise ValueError(f"--layer must be an integer in [0, {spec.layers}] (0: embedding output, "
                          f"{spec.layers}: last block's output), got {args.layer}")
@@ -307,16 +329,18 @@ def _sweep_hf(args, alphas, dtype, **kw):
 
 
 def cmd_sweep(args) -> int:
+    # Everything the arguments alone decide is checked first, before JAX is imported: a
+    # request that cannot run (a 1e8-alpha grid, an unwritable --out) is refused at once.
+    _source(args)
+    grid = parse_grid(args.alphas)  # checked, not built: its output size is checked first
+    max_output = sweepfile.parse_size(args.max_output, "--max-output")
+    if not args.out.endswith(".npz"):
+        raise ValueError(f"out must be a .npz file, got {args.out!r}")
+    check_output(args.out, "--out")  # a run's own files, or a path that cannot be written
+    _sweep_size_first(args, grid.size, max_output, "float64" if args.float64 else "float32")
     # A scoped switch, not a global one: the CLI is also called in-process (tests, notebooks).
     with jax.enable_x64(True) if args.float64 else contextlib.nullcontext():
-        _source(args)
-        grid = parse_grid(args.alphas)  # checked, not built: its output size is checked first
-        max_output = sweepfile.parse_size(args.max_output, "--max-output")
-        if not args.out.endswith(".npz"):
-            raise ValueError(f"out must be a .npz file, got {args.out!r}")
-        check_output(args.out, "--out")  # a run's own files, or a path that cannot be written
         dtype = jnp.float64 if args.float64 else jnp.float32
-        _sweep_size_first(args, grid.size, max_output, dtype)
         kw = dict(top_k=args.top_k, top_k_at=args.top_k_at, chunk_size=args.chunk_size, max_output=max_output,
                   progress=not args.quiet)
         # The file is opened (its folder checked writable) before any model is loaded; results
@@ -332,7 +356,7 @@ def cmd_sweep(args) -> int:
                     arrays, meta = gpt_runs.gpt_sweep(run, grid, limits=True, local_ufm=True, text_ce=True,
                                                       presence=True, **kw)
                 else:
-                    arrays, meta = ufm_sweep(run, grid, **kw)
+                    arrays, meta = runs.ufm_sweep(run, grid, **kw)
                 what = "contexts"
             summary = (f"{grid.size} alphas x {arrays['probs_base'].shape[0]} {what}, "
                        f"max delta_ce={arrays['delta_ce'].max():.4g}")
@@ -345,8 +369,8 @@ def _sweep_size_first(args, num: int, max_output: int, dtype) -> None:
     """Refuse a grid too long for --max-output before any model is read: a UFM run's size from
     its config.json alone; a pretrained model's lower bound (one prompt) from its config."""
     if args.hf is not None:
-        V = load_spec(args.hf).vocab
-        K = V if args.top_k is None else min(V, args.top_k * (2 if args.top_k_at == "both" else 1))
+        V = hf_config.load_spec(args.hf).vocab
+        K = tracked_count(V, args.top_k, args.top_k_at)
         per_alpha, fixed = output_bytes(rows=1, vocab=V, concepts=1, tokens=K, dtype=dtype)
         sweepfile.check_output_size(per_alpha * num + fixed, max_output, num, at_least=True)
         return
@@ -402,7 +426,7 @@ def cmd_optimize(args) -> int:
         if not args.out.endswith(".json"):
             raise ValueError(f"out must be a .json file, got {args.out!r}")
         check_output(args.out, "--out")  # before any work: a path that cannot be written, or a run's own file
-        objective = Objective(args.objective, lam=args.lam, budget=args.budget, level=args.level,
+        objective = optim.Objective(args.objective, lam=args.lam, budget=args.budget, level=args.level,
                               metric=args.metric)
         dtype = jnp.float32 if args.float32 else jnp.float64
         _source(args)
@@ -411,12 +435,12 @@ def cmd_optimize(args) -> int:
         else:
             st = _load_run(args).steer(args.target, args.negatives, dtype=dtype, **_steer_kwargs(args))
         problem = st.problem(contexts=_contexts(args.contexts))
-        result = optimize(problem, objective, per_context=args.per_context, method=args.method, tol=args.tol,
+        result = optim.optimize(problem, objective, per_context=args.per_context, method=args.method, tol=args.tol,
                           max_iter=args.max_iter, alpha_max=args.alpha_max, lr=args.lr)
         meta = {k: v for k, v in st.meta.items() if k != "target"}
         if "context_concept" in st.arrays:
             meta["context_concept"] = st.arrays["context_concept"][problem.contexts].tolist()
-        out = {**result.to_dict(), **meta, "dtype": str(jnp.dtype(dtype)), "versions": versions()}
+        out = {**result.to_dict(), **meta, "dtype": str(jnp.dtype(dtype)), "versions": runs.versions()}
         io.write_json_atomic(args.out, out)
     alpha = result.alpha if not args.per_context else f"[{min(result.alpha):.4g} .. {max(result.alpha):.4g}]"
     alpha = f"{alpha:.6g}" if isinstance(alpha, float) else alpha
@@ -565,7 +589,7 @@ def main(argv=None) -> int:
         # needed) is the user's to fix, so it gets one line too.
         print(f"ufmjax {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:  # not the user's typing: the run itself failed
+    except io.TrainingDiverged as e:  # not the user's typing: the run itself failed
         print(f"ufmjax {args.command}: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -66,3 +66,11 @@ def jsonable(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
     return x
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """A seed as an int, or ValueError naming it: numpy's generators take non-negative integers
+    only, and their own error names neither the parameter nor the value."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {seed!r}")
+    return int(seed)

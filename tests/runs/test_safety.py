@@ -154,7 +154,9 @@ def test_check_output_refuses_paths_that_cannot_or_must_not_be_written(run, tmp_
         tmp_path / "x.npz": "is an existing folder",
         tmp_path / "plain" / "x.npz": "plain' is a file, not a folder",
         tmp_path / ("n" * 256) / "x.npz": "longer than the 255 bytes",
-        tmp_path / ("é" * 128 + ".npz"): "longer than the 255 bytes",  # 256 bytes in UTF-8
+        tmp_path / ("é" * 128 + ".npz"): "longer than the 241 bytes",  # 256 bytes in UTF-8
+        # 245 bytes fit a name but not its `.<name>.<8>.tmp` temporary (once found after the work)
+        tmp_path / ("o" * 240 + ".json"): "longer than the 241 bytes",
         "/proc/ufmjax-probe/x.npz": "cannot be written",
     }
     for path, match in refused.items():
@@ -329,3 +331,36 @@ def test_malformed_metrics_is_a_run_error_naming_the_file(run, content, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and io.METRICS_FILE in err and "Traceback" not in err
     assert not (run / "s.npz").exists()
+
+
+def test_no_run_inside_another_runs_own_files(reference_run, tmp_path, capsys):
+    """`train --out RUN/checkpoints/sub` once made a run among Orbax's steps, which the next
+    `--force` of RUN removed with them."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run.path, run)
+    inner = run / "checkpoints" / "sub"
+    assert main(["train", "ufm", "--steps", "5", "--out", str(inner), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "inside 'checkpoints'" in err and len(err.strip().splitlines()) == 1 and not inner.exists()
+
+
+def test_force_on_a_symlink_writes_nothing_through_it(tmp_path, capsys):
+    """The refusal comes before the lock file: nothing appears in the link's target."""
+    target = tmp_path / "empty"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    assert main(["train", "ufm", "--steps", "5", "--force", "--out", str(tmp_path / "link"), "--quiet"]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert list(target.iterdir()) == []
+
+
+def test_reproduce_refuses_a_users_folder_among_its_runs_by_name(tmp_path, capsys):
+    """A user's folder named like one of reproduce's runs: one line and exit 2 before any work
+    (it was a section failure with a traceback in report.md), and the folder is untouched."""
+    mine = tmp_path / "runs" / "gpt_concept"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine\n")
+    assert main(["reproduce", "--quick", "--force", "--quiet", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "gpt_concept" in err and "not a ufmjax run" in err and len(err.splitlines()) == 1
+    assert (mine / "notes.txt").read_text() == "mine\n" and not (tmp_path / "report.md").exists()

@@ -103,8 +103,9 @@ def test_ctrl_c_in_the_middle_of_a_cli_sweep(reference_run, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("where, match", [("file/s.npz", "cannot be written"), ("dir.npz", "is a folder"),
-                                         ("/proc/s.npz", "cannot be written"), ("x" * 240 + ".npz", "too long")])
+@pytest.mark.parametrize("where, match", [("file/s.npz", "is a file, not a folder"),
+                                         ("dir.npz", "is an existing folder"),
+                                         ("/proc/s.npz", "cannot be written"), ("x" * 240 + ".npz", "is longer than")])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(reference_run, tmp_path, capsys, where, match):
     """Today a /proc output fails after the whole sweep, naming a temporary file."""
     if where.startswith("/proc") and not Path("/proc/self").is_dir():

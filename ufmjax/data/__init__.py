@@ -17,8 +17,11 @@ from ufmjax.data.concepts import (
 )
 from ufmjax.data.text import CLASSES, TextConfig, TextCorpus, char_class, concept_index, steering_prompts
 
+# What a GPT trains on: the concept dataset, or the characters of Python's bundled docs.
+CORPORA = ("concept", "text")
+
 __all__ = [
-    "CLASSES", "PROFILE_TOL", "ConceptData", "DataConfig", "TextConfig", "TextCorpus", "char_class",
+    "CLASSES", "CORPORA", "PROFILE_TOL", "ConceptData", "DataConfig", "TextConfig", "TextCorpus", "char_class",
     "check_steering_sets", "concept_index", "dirichlet_config", "reference_config", "select_steering_sets",
     "steering_prompts",
 ]

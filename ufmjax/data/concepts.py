@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ufmjax.common import check_seed
+
 PROFILE_TOL = 1e-6
 
 
@@ -104,8 +106,7 @@ class ConceptData:
             raise ValueError(f"eps must lie in (0, (G-1)/G) = (0, {(G - 1) / G:.4g}), got {eps!r}")
         if config.context_len < 1:
             raise ValueError(f"context_len must be >= 1, got {config.context_len}")
-        if isinstance(config.seed, bool) or not isinstance(config.seed, (int, np.integer)) or config.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {config.seed!r}")  # numpy's own says neither
+        check_seed(config.seed)
         s = V // G
         if not 1 <= config.contexts_per_concept <= s ** config.context_len:
             raise ValueError(
@@ -221,8 +222,7 @@ def select_steering_sets(context_concept_M, target: int, negatives: str = "contr
     """
     cc = np.asarray(context_concept_M)
     G = int(cc.max()) + 1
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_seed(seed)
     if not isinstance(target, (int, np.integer)) or not 0 <= target < G:
         raise ValueError(f"target must be a concept in [0, {G}), got {target!r}")
     pos = np.flatnonzero(cc == target)

@@ -17,58 +17,40 @@ happens inside the compiled call. Three paths, equal to rounding:
   only, the softmax part in closed form;
 - "jvp": the reference, nested `jax.jvp` through everything.
 
-Modules: `measure` (Measure, Reference, quantities at one alpha), `taylor`, `affine`, `driver`
-(Evaluator, plan / drive of a sweep, chunk sizes, placement on devices).
+Modules: `grid` (alpha grids, argument checks and output sizes, numpy only), `measure`
+(Measure, Reference, quantities at one alpha), `taylor`, `affine`, `driver` (Evaluator, plan /
+drive of a sweep, chunk sizes, placement on devices). Names are loaded on first use, so
+`ufmjax.kernel.grid` (and the CLI's checks before any work) imports no JAX.
 """
 
-from ufmjax.kernel import taylor
-from ufmjax.kernel.affine import AffineParts, AffineReference, default_affine_chunk_size, upper_envelope
-from ufmjax.kernel.driver import (
-    METHODS,
-    TOP_K_AT,
-    ArraySink,
-    Evaluator,
-    Grid,
-    SweepPlan,
-    check_alphas,
-    check_devices,
-    check_dtype,
-    check_grid,
-    default_chunk_size,
-    drive,
-    grid_size,
-    grid_values,
-    largest_intermediate,
-    output_bytes,
-    parse_alphas,
-    parse_grid,
-    plan_sweep,
-    sweep,
-    top_tokens,
-)
-from ufmjax.kernel.measure import (
-    PREFIXES,
-    QUANTITIES,
-    Measure,
-    Reference,
-    make_measure,
-    quantities,
-    reference_fn,
-    reference_of,
-)
-from ufmjax.kernel.taylor import closure_jets
+import importlib
+
+# public name -> submodule, loaded on first use.
+_EXPORTS = {
+    **dict.fromkeys(("AffineParts", "AffineReference", "default_affine_chunk_size", "upper_envelope"), "affine"),
+    **dict.fromkeys(("METHODS", "TOP_K_AT", "ArraySink", "Evaluator", "SweepPlan", "check_devices", "check_dtype",
+                     "default_chunk_size", "drive", "largest_intermediate", "plan_sweep", "sweep", "top_tokens"),
+                    "driver"),
+    **dict.fromkeys(("PREFIXES", "QUANTITIES", "Grid", "check_alphas", "check_grid", "grid_size", "grid_values",
+                     "output_bytes", "parse_alphas", "parse_grid"), "grid"),
+    **dict.fromkeys(("Measure", "Reference", "make_measure", "quantities", "reference_fn", "reference_of"),
+                    "measure"),
+    "closure_jets": "taylor",
+}
+_SUBMODULES = ("affine", "driver", "grid", "measure", "taylor")
+__all__ = sorted([*_EXPORTS, "trace_count"])
 
 
 def trace_count() -> int:
     """How many times a kernel chunk has been traced in this process (tests: no recompilation)."""
-    return taylor.TRACE_COUNT
+    return importlib.import_module("ufmjax.kernel.taylor").TRACE_COUNT
 
 
-__all__ = [
-    "AffineParts", "AffineReference", "ArraySink", "Evaluator", "Grid", "METHODS", "Measure", "PREFIXES",
-    "QUANTITIES", "Reference", "SweepPlan", "TOP_K_AT", "check_alphas", "check_devices", "check_dtype",
-    "check_grid", "closure_jets", "default_affine_chunk_size", "default_chunk_size", "drive", "grid_size",
-    "grid_values", "largest_intermediate", "make_measure", "output_bytes", "parse_alphas", "parse_grid",
-    "plan_sweep", "quantities", "reference_fn", "reference_of", "sweep", "top_tokens", "trace_count",
-    "upper_envelope",
-]
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"ufmjax.kernel.{name}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ufmjax.kernel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"ufmjax.kernel.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

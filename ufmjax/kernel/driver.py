@@ -29,7 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ufmjax import steering
 from ufmjax.common import cast_floats
 from ufmjax.kernel import affine
-from ufmjax.kernel.measure import PREFIXES, QUANTITIES, Measure, Reference, make_measure, reference_fn
+from ufmjax.kernel.grid import PREFIXES, QUANTITIES, Grid, check_alphas, check_order
+from ufmjax.kernel.measure import Measure, Reference, make_measure, reference_fn
 from ufmjax.kernel.taylor import jvp_chunk_fn, taylor_chunk_fn
 from ufmjax.steering import Steered
 
@@ -43,104 +44,6 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
 
 # ---------------------------------------------------------------- arguments
-
-def check_alphas(alphas) -> np.ndarray:
-    """A 1-D, non-empty, finite grid of real alphas (as float64 numpy), else ValueError naming alphas.
-
-    Any order is accepted: each alpha is evaluated on its own, and point evaluations (Newton
-    iterates of `analysis.find_peaks`, the optimiser's points) are not sorted. Grids that a
-    sweep file is made of go through `check_grid`, which also wants them increasing.
-    """
-    raw = np.asarray(alphas)
-    if raw.dtype.kind == "c":
-        raise ValueError("alphas must be real numbers, got complex values (a complex alpha is not a steering "
-                         "strength; take .real explicitly if that is what is meant)")
-    # ml_dtypes' floats (bfloat16, float8_*) are kind "V" in numpy, but real numbers all the same.
-    if raw.dtype.kind not in "iufO" and not raw.dtype.name.startswith(("float", "bfloat")):
-        raise ValueError(f"alphas must be real numbers, got an array of {raw.dtype}")
-    try:
-        arr = np.asarray(raw, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError("alphas must be real numbers, got values that are not numbers") from None
-    if arr.ndim == 0:
-        arr = arr[None]
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"alphas must be a non-empty 1-D grid, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("alphas must be finite (found NaN or inf)")
-    return arr
-
-
-def check_grid(alphas) -> np.ndarray:
-    """`check_alphas`, and strictly increasing: the grid of a sweep (its ends are where
-    `top_tokens` looks, its neighbours bracket the local UFM's validity range), as the CLI's
-    START:STOP:NUM always is."""
-    arr = check_alphas(alphas)
-    bad = np.flatnonzero(np.diff(arr) <= 0)
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"alphas must be a strictly increasing grid, got alphas[{i}] = {arr[i]:.17g} >= "
-                         f"alphas[{i + 1}] = {arr[i + 1]:.17g} (sort it, or use kernel.sweep for points)")
-    return arr
-
-
-@dataclass(frozen=True)
-class Grid:
-    """NUM evenly spaced alphas from START to STOP (both included), checked but not built, so
-    a sweep can size its output (`size`) before `values()` allocates NUM float64s."""
-
-    start: float
-    stop: float
-    num: int
-
-    @property
-    def size(self) -> int:
-        return self.num
-
-    def values(self) -> np.ndarray:
-        """The grid, as np.linspace(start, stop, num) [A]."""
-        return check_grid(np.linspace(self.start, self.stop, self.num))
-
-
-def parse_grid(spec: str) -> Grid:
-    """'START:STOP:NUM' -> a checked `Grid` (nothing allocated), else ValueError naming alphas."""
-    parts = spec.split(":")
-    if len(parts) != 3:
-        raise ValueError(f"alphas must be START:STOP:NUM, got {spec!r}")
-    try:
-        start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
-    except ValueError:
-        raise ValueError(f"alphas must be START:STOP:NUM with numbers (NUM an integer), got {spec!r}") from None
-    if num < 1:
-        raise ValueError(f"alphas NUM must be >= 1, got {num}")
-    if not (math.isfinite(start) and math.isfinite(stop)):
-        raise ValueError(f"alphas START and STOP must be finite, got {spec!r}")
-    if num > 1:
-        if stop <= start:
-            raise ValueError(f"alphas STOP must exceed START (the grid is increasing), got {spec!r}")
-        if not math.isfinite(stop - start):
-            # np.linspace would compute STOP - START = inf and fill the grid with inf and NaN.
-            raise ValueError(f"alphas START:STOP spans more than float64 holds (STOP - START overflows), "
-                             f"got {spec!r}: use a narrower range")
-        if (stop - start) / (num - 1) < np.spacing(max(abs(start), abs(stop))):
-            raise ValueError(f"alphas START:STOP is too narrow for NUM distinct float64 values, got {spec!r}")
-    return Grid(start, stop, num)
-
-
-def parse_alphas(spec: str) -> np.ndarray:
-    """'START:STOP:NUM' -> NUM evenly spaced alphas from START to STOP, both included."""
-    return parse_grid(spec).values()
-
-
-def grid_size(alphas) -> int:
-    """How many alphas a grid (array-like or `Grid`) holds, without building a Grid."""
-    return alphas.size if isinstance(alphas, Grid) else int(np.size(alphas))
-
-
-def grid_values(alphas) -> np.ndarray:
-    """A grid (array-like or `Grid`) as a checked, strictly increasing float64 array."""
-    return alphas.values() if isinstance(alphas, Grid) else check_grid(alphas)
-
 
 def check_devices(devices) -> tuple:
     """The devices to shard alphas over (all visible ones for None), else ValueError naming devices."""
@@ -171,12 +74,6 @@ def check_dtype(dtype) -> jnp.dtype:
     return dtype
 
 
-def check_order(order) -> int:
-    if order not in (0, 1, 2):
-        raise ValueError(f"derivatives must be 0, 1 or 2, got {order!r}")
-    return int(order)
-
-
 def resolve_method(fn, method: str, num_concepts: int) -> str:
     """'auto' -> 'affine' for closures declared affine (few concepts), else 'taylor'."""
     if method not in METHODS:
@@ -187,21 +84,6 @@ def resolve_method(fn, method: str, num_concepts: int) -> str:
 
 
 # ---------------------------------------------------------------- sizes and placement
-
-def output_bytes(*, rows: int, vocab: int, concepts: int, tokens: int, derivatives: int = 2,
-                 dtype=jnp.float32) -> tuple[int, int]:
-    """Bytes of the arrays `sweep` returns, uncompressed: (per alpha, independent of the grid).
-
-    Per alpha: every name of QUANTITIES at each of the derivatives + 1 orders in `dtype`, and
-    the alpha itself (float64); fixed: tokens [K], concept_of [V], weights [M] (int64 and
-    float64) and probs_base [M, V] (`dtype`).
-    """
-    item = jnp.dtype(dtype).itemsize
-    letters = {"M": rows, "K": tokens, "G": concepts}
-    per_order = sum(math.prod(letters[c] for c in shape.split("x") if c) for shape in QUANTITIES.values())
-    per_alpha = per_order * (check_order(derivatives) + 1) * item + 8
-    return per_alpha, 8 * (tokens + vocab + rows) + rows * vocab * item
-
 
 def default_chunk_size(num_rows: int, vocab: int, num_devices: int = 1, intermediate: int = 0,
                        order: int = 0) -> int:

@@ -21,18 +21,8 @@ from flax import struct
 from ufmjax.common import cast_floats
 from ufmjax.steering import Steered
 
-# Quantities the kernel returns per alpha, with their per-alpha shapes (docs/theory.md).
-QUANTITIES = {
-    "delta_p": "MxK",          # Def. 3.1: steered minus base probability of each tracked token
-    "concept_prob": "MxG",     # F_C(alpha) = sum_{z in C} p_alpha(z)
-    "delta_p_concept": "MxG",  # Def. 3.5: (F_C(alpha) - F_C(0)) / |C|
-    "delta_ce": "",            # Def. 3.7: sum_j w_j (CE_j(alpha) - CE_j(0))
-    "delta_ce_ctx": "M",       # CE_j(alpha) - CE_j(0), per row
-    "kl": "M",                 # KL(p_alpha || p_0) per row
-    "entropy": "M",            # H(p_alpha) per row
-}
-# Key prefixes of the value and of the first and second derivatives in alpha.
-PREFIXES = ("", "d_", "d2_")
+# The quantities the kernel returns per alpha and their shapes (docs/theory.md) are defined in
+# `kernel.grid` (numpy only), where output sizes are computed before JAX is imported.
 
 
 @struct.dataclass

@@ -31,7 +31,7 @@ from ufmjax.optimize import Objective, bisect_budget, grid_search, optimize
 from ufmjax.report.figures import check_summary, ufm_figures
 from ufmjax.report.gpt_figures import fig_a4
 from ufmjax.runs import io, load_gpt_run, load_run, scaled_sweep, text_run, train_gpt_run, train_ufm_run, versions
-from ufmjax.runs.folders import clear_run_dirs
+from ufmjax.runs.folders import check_run_out, clear_run_dirs
 from ufmjax.runs.progress import Progress
 
 
@@ -372,6 +372,8 @@ def _gpt_text_laws(sec: Section, out: Path, run, quick: bool, bar: Progress) -> 
 
 
 SECTIONS = [ufm_section, optimize_section, gpt_concept_section, gpt_text_section]
+# The folders under OUT/runs/ the sections train into (the text GPT's: `text_run`'s name).
+RUN_NAMES = ("ufm_ref", "ufm_profiled", "gpt_concept", "text_L1")
 
 
 # The definitions and laws the report checks, in this checkout (absent from an installed wheel).
@@ -421,6 +423,10 @@ def reproduce(out, *, quick: bool = False, force: bool = False, progress: bool =
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {str(out)!r} exists and is not a folder")
+    # The run folders the sections train into: one that is not a ufmjax run (a user's folder
+    # of that name) is refused here, by name, before anything is removed or trained.
+    for name in RUN_NAMES:
+        check_run_out(out / "runs" / name, force)
     if force:  # only ufmjax's own run folders, and in them only what ufmjax wrote
         clear_run_dirs(out / "runs")
     out.mkdir(parents=True, exist_ok=True)

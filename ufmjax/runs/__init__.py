@@ -20,7 +20,7 @@ import importlib
 _EXPORTS = {
     "load_sweep": "folders", "open_run": "folders", "save_sweep": "folders", "versions": "folders",
     "GPTRun": "gpt", "gpt_sweep": "gpt", "load_gpt_run": "gpt", "scaled_sweep": "gpt", "text_run": "gpt",
-    "train_gpt_run": "gpt", "CheckpointError": "io", "RunError": "io", "load_run": "load", "Steering": "steer",
+    "train_gpt_run": "gpt", "CheckpointError": "io", "RunError": "io", "TrainingDiverged": "io", "load_run": "load", "Steering": "steer",
     "TrainConfig": "train", "UFMRun": "ufm", "load_ufm_run": "ufm", "train_ufm_run": "ufm",
     "ufm_sweep": "ufm", "HFRun": "hf", "hf_sweep": "hf", "load_hf": "hf",
 }

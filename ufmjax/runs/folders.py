@@ -103,10 +103,23 @@ def _check_out_dir(out: Path, force: bool) -> bool:
         raise io.RunError(f"out {str(out)!r} cannot be used as a run folder: {e.strerror}") from None
 
 
+def check_run_out(out, force: bool = False) -> bool:
+    """Refuse (RunError naming it) a folder no run may be trained into; whether it holds a run.
+
+    What `train --out` refuses, checked alone: a file, a folder that is not a ufmjax run, a
+    folder inside a run's own files, with `force` a symbolic link. Nothing is written.
+    """
+    return _check_out_dir(Path(out), force)
+
+
 def _check_out_entries(out: Path, force: bool) -> bool:
     """`_check_out_dir`, whose file-system errors it turns into RunError."""
     if out.is_symlink() and not out.exists():
         raise io.RunError(f"out {str(out)!r} is a broken symbolic link (to {os.readlink(out)!r})")
+    hit = inside_run_files(out)
+    if hit is not None:  # e.g. RUN/checkpoints/sub: the next --force of RUN would remove it
+        raise io.RunError(f"out {str(out)!r} lies inside {hit[1]!r} of the ufmjax run {str(hit[0])!r}; "
+                          f"choose a folder outside that run's own files")
     if force and out.is_symlink():
         raise io.RunError(f"--force refuses out {str(out)!r}: it is a symbolic link (to {os.readlink(out)!r}); "
                           f"give the folder itself")
@@ -134,18 +147,19 @@ _HELD: set[str] = set()
 
 
 @contextlib.contextmanager
-def run_lock(out):
+def run_lock(out, force: bool = False):
     """Hold the run folder `out` for this process (created if missing); RunError if another holds it.
 
     Re-entrant within one process. Refuses, before creating anything, the outs `open_run`
-    refuses (a file, a folder that is not a ufmjax run).
+    refuses with the same `force` (a file, a folder that is not a ufmjax run, with `force` a
+    symbolic link: no lock file is written through it).
     """
     out = Path(out)
     key = os.path.realpath(out)
     if key in _HELD:
         yield out
         return
-    _check_out_dir(out, force=False)
+    _check_out_dir(out, force)
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / io.LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
@@ -276,6 +290,18 @@ def _name_max(directory: Path) -> int:
         return 255
 
 
+def inside_run_files(path) -> tuple[Path, str] | None:
+    """(run folder, entry) when `path` is, or lies inside, one of a ufmjax run's own entries
+    (config.json, metrics.json, checkpoints/, the lock), as written or with links resolved."""
+    path = Path(path)
+    for candidate in (Path(os.path.abspath(path)), path.resolve(strict=False)):
+        for folder in candidate.parents:
+            first = candidate.relative_to(folder).parts[0]
+            if _own_entry(first) and is_run_folder(folder):
+                return folder, first
+    return None
+
+
 def check_output(path, param: str = "--out") -> Path:
     """Refuse, before any work, an output path that cannot be written or would land on a run's files.
 
@@ -300,8 +326,12 @@ def check_output(path, param: str = "--out") -> Path:
     existing = Path(absolute.anchor)
     limit = _name_max(existing)
     for k, part in enumerate(absolute.parts[1:], start=1):
-        if len(os.fsencode(part)) > limit:
-            raise ValueError(f"{where}: the name {part[:40]!r}... is longer than the {limit} bytes a name may have")
+        # The file itself is first written as `.<name>.<8 random>.tmp` (io.atomic_path), 14 bytes
+        # longer: a name that fits only without them would fail after all the work.
+        extra = io.TEMP_EXTRA if k == len(absolute.parts) - 1 else 0
+        if len(os.fsencode(part)) + extra > limit:
+            raise ValueError(f"{where}: the name {part[:40]!r}... is longer than the {limit - extra} bytes "
+                             f"a name may have here")
         if existing is None:
             continue
         below = existing / part
@@ -317,12 +347,10 @@ def check_output(path, param: str = "--out") -> Path:
             existing, limit = below, _name_max(below)
         elif not last:
             raise ValueError(f"{where}: {str(below)!r} is a file, not a folder")
-    for candidate in (absolute, path.resolve(strict=False)):
-        for folder in candidate.parents:
-            first = candidate.relative_to(folder).parts[0]
-            if _own_entry(first) and is_run_folder(folder):
-                raise ValueError(f"{where} would overwrite {first!r} of the ufmjax run {str(folder)!r}; "
-                                 f"write it beside the run's files, not onto them")
+    hit = inside_run_files(path)
+    if hit is not None:
+        raise ValueError(f"{where} would overwrite {hit[1]!r} of the ufmjax run {str(hit[0])!r}; "
+                         f"write it beside the run's files, not onto them")
     parent = absolute.parent
     while not parent.exists():
         parent = parent.parent

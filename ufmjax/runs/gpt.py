@@ -29,8 +29,8 @@ from ufmjax.analysis.gpt_probes import (
     scaled_grid,
     summarize_sweep,
 )
-from ufmjax.common import log_softmax64
-from ufmjax.data import CLASSES, ConceptData, DataConfig, TextConfig, TextCorpus, concept_index, select_steering_sets
+from ufmjax.common import check_seed, log_softmax64
+from ufmjax.data import CLASSES, CORPORA, ConceptData, DataConfig, TextConfig, TextCorpus, concept_index, select_steering_sets
 from ufmjax.data.text import steering_prompts
 from ufmjax.models.gpt import (
     GPT,
@@ -47,11 +47,10 @@ from ufmjax.models.gpt import (
 from ufmjax.runs import io
 from ufmjax.runs.folders import check_finished, open_run, run_lock, versions
 from ufmjax.runs.steer import Steering, add_probes, add_text_ce, check_ce_against, probe_size, sweep_grid
-from ufmjax.runs.train import TrainConfig, check_seed, restore_model, train
+from ufmjax.runs.train import TrainConfig, restore_model, train
 from ufmjax.runs.ufm import int_target
 from ufmjax.steering import diff_of_means
 
-CORPORA = ("concept", "text")
 
 # Defaults of `ufmjax train gpt` (measured on 2 CPU cores: concept ~10 s, text ~1.5 min).
 CONCEPT_GPT = {"layers": 1, "width": 32, "heads": 2, "mlp_ratio": 4}
@@ -182,7 +181,7 @@ def train_gpt_run(out, corpus: str = "concept", *, data_config: DataConfig | Non
               "train": train_config.to_dict(), "batch": batch, "seed": seed, "versions": versions()}
 
     # The folder is locked from opening the run to writing metrics.json (one process per run).
-    with run_lock(out):
+    with run_lock(out, force):
         out, finished = open_run(out, config, force)
         if finished is not None:
             return io.check_metrics(finished, out, GPT_METRICS[corpus])

@@ -22,6 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from ufmjax.kernel.grid import tracked_count
 from ufmjax.analysis.gpt_probes import sinh_grid
 from ufmjax.data.concept_tokens import (
     concept_files,
@@ -273,7 +274,7 @@ def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_
     chunk = hf_chunk_size(run.spec, M, T) if chunk_size is None else chunk_size
     win = text_windows(run, ce_text) if ce_text is not None else None  # refused before any sweep
     strs = run.token_strs()
-    K = len(strs) if top_k is None else min(len(strs), top_k * (2 if top_k_at == "both" else 1))
+    K = tracked_count(len(strs), top_k, top_k_at)
     fixed = 4 * K * max(map(len, strs), default=1) + (0 if win is None else win.nbytes)  # token_strs, windows
     extra = probe_size(st, limits=limits, local_ufm=local_ufm,
                        text_ce_derivatives=None if win is None else derivatives, fixed=fixed)

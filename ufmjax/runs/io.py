@@ -47,6 +47,10 @@ class RunError(ValueError):
     """A run folder that does not exist, is not a ufmjax run, is unfinished, or is malformed."""
 
 
+class TrainingDiverged(RuntimeError):
+    """Training whose loss became non-finite or blew up; nothing of it was saved."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated or corrupted."""
 
@@ -54,6 +58,10 @@ class CheckpointError(RuntimeError):
 def warn(message: str) -> None:
     """One warning line on stderr (Python's `warnings` would add a file:line and a source line)."""
     print(f"ufmjax: warning: {message}", file=sys.stderr, flush=True)
+
+
+# `atomic_path` writes `.<name>.<8 random>.tmp`: that many bytes longer than the name itself.
+TEMP_EXTRA = len(".") + len(".") + 8 + len(".tmp")
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import numpy as np
 
 from ufmjax.analysis.gpt_probes import LOCAL_UFM_KL, grid_extras, refine_validity_range
 from ufmjax.kernel import Measure, grid_size, grid_values, make_measure, output_bytes, sweep, top_tokens
+from ufmjax.kernel.grid import tracked_count
 from ufmjax.kernel.measure import output_shape
 from ufmjax.optimize import Problem
 from ufmjax.runs.progress import Progress
@@ -83,7 +84,7 @@ class Steering:
     def output_size(self, *, top_k: int | None = None, top_k_at: str = "max", derivatives: int = 2) -> OutputSize:
         """The bytes of a sweep file of these rows (kernel arrays, P, N, vector, `arrays`), uncompressed."""
         rows, vocab = output_shape(self.steered, self.dtype)
-        tokens = vocab if top_k is None else min(vocab, int(top_k) * (2 if top_k_at == "both" else 1))
+        tokens = tracked_count(vocab, top_k, top_k_at)
         per_alpha, fixed = output_bytes(rows=rows, vocab=vocab, concepts=int(np.max(self.concept_of)) + 1,
                                         tokens=tokens, derivatives=derivatives, dtype=self.dtype)
         fixed += sum(np.asarray(x).nbytes for x in (self.P, self.N, self.vector, *self.arrays.values()))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ufmjax.runs import io
+from ufmjax.runs.folders import check_output
 from ufmjax.runs.progress import Progress
 
 # The default of `ufmjax sweep --max-output` (uncompressed arrays): the reference UFM's
@@ -100,7 +100,7 @@ def config_size(config: dict, *, top_k: int | None = None, top_k_at: str = "max"
     """The output size of a UFM run's sweep from its config.json alone (no checkpoint read: a
     grid too long is refused at once), an upper bound of `Steering.output_size`; None for
     other models or a config this does not understand (loading the run then says what is wrong)."""
-    from ufmjax.kernel import output_bytes
+    from ufmjax.kernel.grid import output_bytes, tracked_count
 
     try:
         if config.get("model") != "ufm":
@@ -109,7 +109,7 @@ def config_size(config: dict, *, top_k: int | None = None, top_k_at: str = "max"
         concepts = int(config["data"]["concepts"])
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
-    tokens = vocab if top_k is None else min(vocab, int(top_k) * (2 if top_k_at == "both" else 1))
+    tokens = tracked_count(vocab, top_k, top_k_at)
     per_alpha, fixed = output_bytes(rows=rows, vocab=vocab, concepts=concepts, tokens=tokens,
                                     derivatives=derivatives, dtype=dtype)
     # P and N (int64, at most every row each), the vector, p_data [M, V] and context_concept [M].
@@ -175,13 +175,9 @@ class SweepFile(MutableMapping):
         self.path = Path(path)
         if self.path.suffix != ".npz":
             raise ValueError(f"out must be a .npz file, got {str(self.path)!r}")
-        if self.path.is_dir():
-            raise ValueError(f"out {str(self.path)!r} is a folder, not a .npz file")
-        # The commit writes `.<name>.<8 random>.tmp` beside it (io.atomic_path): a name too long
-        # for that must fail now, not once everything is computed.
-        if len(os.fsencode(self.path.name)) + 14 > 255:
-            raise ValueError(f"out {str(self.path)!r}: its file name is too long "
-                             f"({len(os.fsencode(self.path.name))} bytes; at most 241)")
+        # A folder, a name too long for the commit's temporary, a run's own file, a folder that
+        # cannot be written: refused now, not once everything is computed.
+        check_output(self.path, "out")
         missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from ufmjax.runs import io
+from ufmjax.runs.io import TrainingDiverged
 from ufmjax.runs.progress import Progress
 
 
@@ -40,15 +40,6 @@ DIVERGED_FACTOR = 1e3
 DIVERGED_LOSS = 1e4
 
 
-class TrainingDiverged(RuntimeError):
-    """Training whose loss became non-finite or blew up; nothing of it was saved."""
-
-
-def check_seed(seed, name: str = "seed") -> int:
-    """A seed as an int, or ValueError: numpy's generators take non-negative integers only."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {seed!r}")
-    return int(seed)
 
 
 def diverged(loss: float, first: float) -> bool:

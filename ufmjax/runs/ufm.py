@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ufmjax.common import log_softmax64
+from ufmjax.common import check_seed, log_softmax64
 from ufmjax.data import ConceptData, DataConfig, select_steering_sets
 from ufmjax.models.ufm import UFM, UFMConfig, ufm_loss, ufm_steered, ufm_steering_vector
 from ufmjax.runs import io
 from ufmjax.runs.folders import check_finished, open_run, run_lock, versions
 from ufmjax.runs.steer import Steering, check_ce_against, sweep_grid
-from ufmjax.runs.train import TrainConfig, check_seed, restore_model, train
+from ufmjax.runs.train import TrainConfig, restore_model, train
 
 UFM_METRICS = ("final_ce", "entropy", "gap", "steps", "seconds")  # what a finished run reports
 UFM_TRAIN_DEFAULTS = TrainConfig(steps=2000, lr=0.05, clip=0.0, ckpt_every=500)
@@ -36,7 +36,7 @@ def train_ufm_run(out, data_config: DataConfig, *, dim: int = 16, seed: int = 0,
     config = {"model": "ufm", "data": data_config.to_dict(), "ufm": ufm_config.to_dict(),
               "train": train_config.to_dict(), "seed": seed, "versions": versions()}
     # The folder is locked from opening the run to writing metrics.json (one process per run).
-    with run_lock(out):
+    with run_lock(out, force):
         out, finished = open_run(out, config, force)
         if finished is not None:
             return io.check_metrics(finished, out, UFM_METRICS)
