@@ -14,6 +14,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 # Imported at once: numpy-only modules, so `--help` and the checks that come before any work
 # (the grid, the output's size and path, the run's config.json) answer without JAX.
 from ufmjax.data import CORPORA
@@ -189,7 +191,7 @@ def _add_steering_args(p) -> None:
     p.add_argument("--negatives", choices=["contrastive", "random"], default="contrastive")
     p.add_argument("--negative-concept", type=int, default=None, help="concept of N (contrastive)")
     p.add_argument("--q", type=int, default=None, help="|P| = |N| (default: as many as possible)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random negatives")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random negatives (0)")
     p.add_argument("--ce-against", choices=["data", "model"], default="data",
                    help="CE reference: data = p(z|c) (concept data) or the observed next character (text); "
                         "model = the unsteered model itself")
@@ -230,7 +232,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--alphas", default="-20:20:401", help="START:STOP:NUM (default -20:20:401)")
     p.add_argument("--top-k", type=int, default=None,
                    help="track only the k most likely tokens (mean over rows) at the end --top-k-at names")
-    p.add_argument("--top-k-at", choices=["max", "min", "both"], default="max",
+    p.add_argument("--top-k-at", choices=["max", "min", "both"], default=None,
                    help="where --top-k takes its tokens: the grid's largest alpha (max, the target's direction; "
                         "default), its smallest (min), or both ends (the union: up to 2k tokens)")
     p.add_argument("--chunk-size", type=int, default=None, help="alphas per compiled call")
@@ -245,7 +247,9 @@ def _add_sweep(sub) -> None:
 
 
 def _steer_kwargs(args) -> dict:
-    return {"negative_concept": args.negative_concept, "q": args.q, "seed": args.seed,
+    if args.seed is not None and args.negatives != "random":
+        raise ValueError("--seed applies to --negatives random (contrastive negatives are not drawn)")
+    return {"negative_concept": args.negative_concept, "q": args.q, "seed": 0 if args.seed is None else args.seed,
             "ce_against": args.ce_against, "layer": args.layer, "positions": args.positions}
 
 
@@ -279,7 +283,7 @@ HF_ONLY = ("--concept", "--positive", "--negative", "--prompts", "--concept-word
 
 
 # Options of run folders that mean nothing for an --hf model, with their defaults.
-RUN_ONLY = {"negatives": "contrastive", "negative_concept": None, "q": None, "seed": 0, "ce_against": "data"}
+RUN_ONLY = {"negatives": "contrastive", "negative_concept": None, "q": None, "seed": None, "ce_against": "data"}
 
 
 def _hf_inputs(args):
@@ -337,6 +341,13 @@ def cmd_sweep(args) -> int:
     if not args.out.endswith(".npz"):
         raise ValueError(f"out must be a .npz file, got {args.out!r}")
     check_output(args.out, "--out")  # a run's own files, or a path that cannot be written
+    f32_max = float(np.finfo(np.float32).max)
+    if not args.float64 and max(abs(grid.start), abs(grid.stop)) > f32_max:
+        raise ValueError(f"--alphas {args.alphas!r} reaches beyond float32 ({f32_max:.3g}): every value there "
+                         f"would be inf; sweep a narrower range or add --float64")
+    if args.top_k is None and args.top_k_at is not None:
+        raise ValueError("--top-k-at applies with --top-k (without it every token is tracked)")
+    args.top_k_at = args.top_k_at or "max"
     _sweep_size_first(args, grid.size, max_output, "float64" if args.float64 else "float32")
     # A scoped switch, not a global one: the CLI is also called in-process (tests, notebooks).
     with jax.enable_x64(True) if args.float64 else contextlib.nullcontext():
@@ -373,11 +384,13 @@ def _sweep_size_first(args, num: int, max_output: int, dtype) -> None:
         K = tracked_count(V, args.top_k, args.top_k_at)
         per_alpha, fixed = output_bytes(rows=1, vocab=V, concepts=1, tokens=K, dtype=dtype)
         sweepfile.check_output_size(per_alpha * num + fixed, max_output, num, at_least=True)
+        sweepfile.check_free_space(per_alpha * num + fixed, args.out, compress=not args.no_compress)
         return
     size = sweepfile.config_size(io.load_run_config(args.run), top_k=args.top_k, top_k_at=args.top_k_at,
                                  dtype=dtype)
     if size is not None:
         sweepfile.check_output_size(size.total(num), max_output, num)
+        sweepfile.check_free_space(size.total(num), args.out, compress=not args.no_compress)
 
 
 # ---------------------------------------------------------------- optimize
@@ -579,7 +592,19 @@ def _one_line(e: BaseException) -> str:
         else f"{text}: {e.filename}"
 
 
+def _quiet_third_party() -> None:
+    """On the command line, drop what libraries print from finalizers and background loops
+    after ufmjax has already said what went wrong (Orbax's abandoned async reads printed up to
+    ~130 lines of 'Exception ignored ... Event loop is closed' after a one-line error)."""
+    import logging
+
+    sys.unraisablehook = lambda unraisable: None
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
 def main(argv=None) -> int:
+    if argv is None:  # the `ufmjax` command itself, not a call from Python (tests, notebooks)
+        _quiet_third_party()
     parser = build_parser()
     args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     try:

@@ -218,6 +218,11 @@ def test_finished_run_with_a_corrupt_final_checkpoint_is_reported(run):
     with pytest.raises(io.CheckpointError, match=r"run.*final checkpoint \(step 2000.*SHA-256.*--force") as e:
         load_run(run)
     assert str(run) in str(e.value)
+    # Training it again with the same configuration said "done" (exit 0) and repaired nothing.
+    cfg = _config(run)
+    with pytest.raises(io.CheckpointError, match=r"final checkpoint \(step 2000"):
+        train_ufm_run(run, DataConfig.from_dict(cfg["data"]), dim=cfg["ufm"]["dim"], seed=cfg["seed"],
+                      train_config=TrainConfig(**cfg["train"]), progress=False)
 
 
 def test_checkpoint_of_another_shape_is_one_clean_error(run, capfd, monkeypatch):

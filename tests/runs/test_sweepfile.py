@@ -280,3 +280,17 @@ def test_run_sweeps_take_increasing_grids_only(reference_run):
             ufm_sweep(reference_run, grid, target=0)
         with pytest.raises(ValueError, match="strictly increasing"):
             reference_run.steer(0).sweep(grid)
+
+
+def test_a_sweep_the_disk_cannot_hold_is_refused_before_any_work(reference_run, tmp_path, capsys, monkeypatch):
+    """A 243 GiB request with --max-output raised once filled the disk for minutes, then said
+    'No space left on device' naming no file."""
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 20, 9 << 20, 1 << 20))  # 1 MiB free
+    out = tmp_path / "s.npz"
+    assert main(["sweep", str(reference_run.path), "--target", "0", "--alphas", "0:1:10000", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--out" in err and "free" in err and len(err.splitlines()) == 1 and not out.exists()

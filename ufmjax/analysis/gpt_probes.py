@@ -70,19 +70,21 @@ def grid_extras(steered: Steered, alphas, limits_2xV, weights=None, chunk_size=N
     y0, u = _direction_fn(steered.fn)(params)
     M, V = y0.shape
     w = np.full(M, 1.0 / M) if weights is None else np.asarray(weights, np.float64)
-    C = chunk_size or default_chunk_size(M, V)
     A = alphas.size
+    C = min(chunk_size or default_chunk_size(M, V), A)  # a chunk past the grid is only padding
     padded = np.concatenate([alphas, np.full(-(-A // C) * C - A, alphas[-1])])
     fn = _extras_fn(steered.fn)
     lim = jnp.asarray(limits_2xV, dtype)
-    dist, kl = [], []
+    dist, kl_mean, kl_max = [], [], []
     for i in range(0, padded.size, C):
         d, k = fn(jnp.asarray(padded[i:i + C], dtype), params, y0, u, lim)
         dist.append(np.asarray(d))
-        kl.append(np.asarray(k))
-    kl_AxM = np.concatenate(kl)[:A].astype(np.float64)
-    return {"limit_distance": np.concatenate(dist)[:A].astype(np.float64), "local_ufm_kl": kl_AxM @ w,
-            "local_ufm_kl_max": kl_AxM.max(axis=1), "local_ufm_direction": np.asarray(u)}
+        k = np.asarray(k, np.float64)  # [C, M], reduced over rows now: memory flat in the grid
+        kl_mean.append(k @ w)
+        kl_max.append(k.max(axis=1))
+    return {"limit_distance": np.concatenate(dist)[:A].astype(np.float64),
+            "local_ufm_kl": np.concatenate(kl_mean)[:A], "local_ufm_kl_max": np.concatenate(kl_max)[:A],
+            "local_ufm_direction": np.asarray(u)}
 
 
 def refine_validity_range(steered: Steered, alphas, kl_A, threshold: float = LOCAL_UFM_KL, *,
@@ -95,7 +97,9 @@ def refine_validity_range(steered: Steered, alphas, kl_A, threshold: float = LOC
     y0, u = _direction_fn(steered.fn)(params)
     M, V = y0.shape
     w = np.full(M, 1.0 / M) if weights is None else np.asarray(weights, np.float64)
-    C = chunk_size or default_chunk_size(M, V)
+    # Points per refinement round: one chunk, at most the default one (a --chunk-size of 1e8
+    # must not make each round 1e8 points).
+    C = min(chunk_size or default_chunk_size(M, V), default_chunk_size(M, V))
     fn = _extras_fn(steered.fn)
     lim = jnp.zeros((2, V), dtype)
 

@@ -338,6 +338,9 @@ def plan_sweep(steered: Steered, alphas, measure: Measure, *, derivatives: int, 
         chunk_size = min(chunk_size, -(-per_device // granule) * granule * n_dev)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    # A chunk longer than the grid would only compute padding (a --chunk-size of 1e8 padded
+    # 41 alphas to 1e8 and ran for ever): at most the grid, rounded up to the devices.
+    chunk_size = min(int(chunk_size), -(-alphas.size // n_dev) * n_dev)
     chunk_size = int(-(-chunk_size // n_dev) * n_dev)
     return SweepPlan(alphas, order, method, jnp.dtype(dtype), devices, chunk_size)
 

@@ -46,8 +46,9 @@ from ufmjax.models.gpt import (
 )
 from ufmjax.runs import io
 from ufmjax.runs.folders import check_finished, open_run, run_lock, versions
+from ufmjax.runs.progress import Progress
 from ufmjax.runs.steer import Steering, add_probes, add_text_ce, check_ce_against, probe_size, sweep_grid
-from ufmjax.runs.train import TrainConfig, restore_model, train
+from ufmjax.runs.train import TrainConfig, check_final_checkpoint, restore_model, train
 from ufmjax.runs.ufm import int_target
 from ufmjax.steering import diff_of_means
 
@@ -184,6 +185,7 @@ def train_gpt_run(out, corpus: str = "concept", *, data_config: DataConfig | Non
     with run_lock(out, force):
         out, finished = open_run(out, config, force)
         if finished is not None:
+            check_final_checkpoint(out, train_config.steps)  # a finished run must still be whole
             return io.check_metrics(finished, out, GPT_METRICS[corpus])
 
         model = init_gpt(gpt_config, seed)
@@ -418,8 +420,10 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
                                 progress=progress, desc="sweep gpt")
     meta: dict[str, Any] = {**st.meta, "dtype": str(jnp.dtype(dtype)), "derivatives": derivatives, "top_k": top_k,
                             "top_k_at": top_k_at, "versions": versions()}
-    if limits or local_ufm:
-        _add_probes(arrays, meta, run.model, st, alphas, chunk_size, limits, local_ufm)
+    if limits or local_ufm:  # a few seconds on a text GPT: a bar (elapsed time) says what runs
+        with Progress(1, "limit and local-UFM probes", enabled=progress) as bar:
+            _add_probes(arrays, meta, run.model, st, alphas, chunk_size, limits, local_ufm)
+            bar.update(1)
     if with_text:
         _add_text_ce(arrays, meta, run, st, alphas, derivatives, progress)
     new_tokens = sweep_rows(run).new_tokens
@@ -427,8 +431,11 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
         idx = np.unique(np.linspace(0, alphas.size - 1, min(PRESENCE_POINTS, alphas.size)).round().astype(int))
         pa = alphas[idx]
         gen_prompts = prompts[np.arange(PRESENCE_SAMPLES) % len(prompts)]
-        pr = concept_presence(model, gen_prompts, st.vector, layer, pa, target, st.concept_of,
-                              positions=positions, new_tokens=new_tokens, seed=seed)
+        with Progress(1, f"concept presence ({len(gen_prompts)} generations x {pa.size} alphas)",
+                      enabled=progress) as bar:
+            pr = concept_presence(model, gen_prompts, st.vector, layer, pa, target, st.concept_of,
+                                  positions=positions, new_tokens=new_tokens, seed=seed)
+            bar.update(1)
         arrays.update(presence_alphas=pa, concept_presence=pr["presence"], concept_share=pr["share"])
         meta["presence"] = {"generations_per_alpha": len(gen_prompts), "new_tokens": int(new_tokens),
                             "threshold": PRESENCE_THRESHOLD}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -95,6 +96,21 @@ def check_output_size(nbytes: int, max_output: int | None, num_alphas: int, *, a
                          f"{format_bytes(max_output)}; sweep fewer alphas or raise --max-output (max_output= in Python)")
 
 
+def check_free_space(nbytes: int, out, *, compress: bool = True) -> None:
+    """ValueError naming `out` when its file system cannot hold a sweep of `nbytes` of arrays:
+    the raw members (nbytes) and, while they are assembled, the .npz beside them (as large with
+    --no-compress; deflate needs about a third). Checked before the work, not found after it."""
+    folder = Path(os.path.abspath(out)).parent
+    while not folder.exists():
+        folder = folder.parent
+    need = nbytes * (2 if not compress else 1.35)
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise ValueError(f"--out {str(out)!r}: the sweep needs about {format_bytes(int(need))} of disk while it "
+                         f"is written, and {str(folder)!r} has {format_bytes(free)} free; free space, write "
+                         f"elsewhere or sweep fewer alphas")
+
+
 def config_size(config: dict, *, top_k: int | None = None, top_k_at: str = "max", derivatives: int = 2,
                 dtype=np.float32) -> OutputSize | None:
     """The output size of a UFM run's sweep from its config.json alone (no checkpoint read: a
@@ -107,7 +123,9 @@ def config_size(config: dict, *, top_k: int | None = None, top_k_at: str = "max"
             return None
         rows, vocab, dim = (int(config["ufm"][k]) for k in ("contexts", "vocab", "dim"))
         concepts = int(config["data"]["concepts"])
-    except (AttributeError, KeyError, TypeError, ValueError):
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
+        return None
+    if min(rows, vocab, dim, concepts) < 1:
         return None
     tokens = tracked_count(vocab, top_k, top_k_at)
     per_alpha, fixed = output_bytes(rows=rows, vocab=vocab, concepts=concepts, tokens=tokens,

@@ -202,6 +202,17 @@ def train(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Array], cf
                        seconds=time.perf_counter() - t0, resumed_from=resumed_from)
 
 
+def check_final_checkpoint(run_dir, step: int) -> int:
+    """`step` if the finished run's final checkpoint passes its SHA-256 manifest, else
+    CheckpointError saying how to recover (the run is never taken from an older step)."""
+    if not io.verify_step(run_dir, step):
+        raise io.CheckpointError(
+            f"run folder {str(run_dir)!r}: its final checkpoint (step {step}, the one {io.METRICS_FILE} "
+            f"describes) is missing or fails its SHA-256 manifest (truncated or corrupted); retrain it "
+            f"with --force (ufmjax train ... --force --out {str(run_dir)})")
+    return step
+
+
 def restore_model(model: nnx.Module, run_dir, step: int | None = None) -> int:
     """Load the parameters of a run's checkpoint into `model`; returns the step.
 
@@ -219,12 +230,7 @@ def restore_model(model: nnx.Module, run_dir, step: int | None = None) -> int:
     cfg = io.load_run_config(run_dir)
     train_cfg = io.from_config(run_dir, "train", lambda: TrainConfig(**cfg["train"]))
     if step is None and io.run_finished(run_dir):
-        step = train_cfg.steps
-        if not io.verify_step(run_dir, step):
-            raise io.CheckpointError(
-                f"run folder {str(run_dir)!r}: its final checkpoint (step {step}, the one {io.METRICS_FILE} "
-                f"describes) is missing or fails its SHA-256 manifest (truncated or corrupted); retrain it "
-                f"with --force (ufmjax train ... --force --out {str(run_dir)})")
+        step = check_final_checkpoint(run_dir, train_cfg.steps)
     tx = make_optimizer(train_cfg)
     # Shapes only (eval_shape): running tx.init would compile its ops for every new model shape.
     template = {"params": params, "opt": jax.eval_shape(tx.init, params),

@@ -15,7 +15,7 @@ from ufmjax.models.ufm import UFM, UFMConfig, ufm_loss, ufm_steered, ufm_steerin
 from ufmjax.runs import io
 from ufmjax.runs.folders import check_finished, open_run, run_lock, versions
 from ufmjax.runs.steer import Steering, check_ce_against, sweep_grid
-from ufmjax.runs.train import TrainConfig, restore_model, train
+from ufmjax.runs.train import TrainConfig, check_final_checkpoint, restore_model, train
 
 UFM_METRICS = ("final_ce", "entropy", "gap", "steps", "seconds")  # what a finished run reports
 UFM_TRAIN_DEFAULTS = TrainConfig(steps=2000, lr=0.05, clip=0.0, ckpt_every=500)
@@ -39,6 +39,7 @@ def train_ufm_run(out, data_config: DataConfig, *, dim: int = 16, seed: int = 0,
     with run_lock(out, force):
         out, finished = open_run(out, config, force)
         if finished is not None:
+            check_final_checkpoint(out, train_config.steps)  # a finished run must still be whole
             return io.check_metrics(finished, out, UFM_METRICS)
 
         model = UFM(ufm_config, rngs=nnx.Rngs(seed))
