@@ -474,7 +474,7 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--out", default=None,
                    help="folder for runs, figures and report.md (default results/reproduce, "
                         "with --hf results/reproduce_hf)")
-    p.add_argument("--quick", action="store_true", help="small version (under 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="small version: shorter training, the same laws (1.5-3 minutes on 2 cores)")
     p.add_argument("--force", action="store_true", help="retrain instead of reusing finished runs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--layers", default=None,
@@ -533,7 +533,7 @@ def add_bench_args(p) -> None:
     """The options of `ufmjax bench` (also those of `python benchmarks/bench.py`)."""
     p.add_argument("--out", default="results", help="folder for bench.md and bench.json (default results)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="smoke test, under a minute (ratios not meaningful)")
+    mode.add_argument("--quick", action="store_true", help="smoke test, about a minute (ratios not meaningful)")
     mode.add_argument("--full", action="store_true",
                       help="also the full 20,000 alphas x 32 contexts x 50,257 tokens memory run")
     p.add_argument("--sections", default=None,
