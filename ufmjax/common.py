@@ -74,3 +74,24 @@ def check_seed(seed, name: str = "seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {seed!r}")
     return int(seed)
+
+
+def lazy_exports(package: str, exports: dict, submodules=()):
+    """A package's module `__getattr__` (PEP 562) that imports `package.<module>` on first use.
+
+    `exports` maps each public name to the submodule defining it; `submodules` are names that
+    are themselves submodules. A resolved name is cached in the package's namespace.
+    """
+    import importlib
+    import sys
+
+    def __getattr__(name: str):
+        if name in submodules:
+            return importlib.import_module(f"{package}.{name}")
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    return __getattr__

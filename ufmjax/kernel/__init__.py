@@ -25,6 +25,8 @@ drive of a sweep, chunk sizes, placement on devices). Names are loaded on first 
 
 import importlib
 
+from ufmjax.common import lazy_exports
+
 # public name -> submodule, loaded on first use.
 _EXPORTS = {
     **dict.fromkeys(("AffineParts", "AffineReference", "default_affine_chunk_size", "upper_envelope"), "affine"),
@@ -46,11 +48,4 @@ def trace_count() -> int:
     return importlib.import_module("ufmjax.kernel.taylor").TRACE_COUNT
 
 
-def __getattr__(name: str):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"ufmjax.kernel.{name}")
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'ufmjax.kernel' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"ufmjax.kernel.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports("ufmjax.kernel", _EXPORTS, _SUBMODULES)

@@ -417,6 +417,18 @@ def _markdown(sections: list[Section], quick: bool, seconds: float, out: Path | 
     return "\n".join(lines) + "\n"
 
 
+def _section_done(sec: Section, t0: float, done: list, bar, progress: bool, verb: str) -> None:
+    """Time a finished (or failed) section from `t0`, keep it, and say how many laws `verb`
+    (pass on the paper's models, hold on a user's model) on the bar and, with progress, a line."""
+    sec.seconds = time.perf_counter() - t0
+    done.append(sec)
+    n_ok = sum(law.passed for law in sec.laws)
+    bar.update(1, last=f"{sec.title}: {n_ok}/{len(sec.laws)} {verb}")
+    if progress:
+        print(f"[reproduce] {sec.title}: {n_ok}/{len(sec.laws)} laws {verb}"
+              + (" (section failed)" if sec.error else "") + f" in {sec.seconds:.1f}s", flush=True)
+
+
 def reproduce(out, *, quick: bool = False, force: bool = False, progress: bool = True,
               sections=None) -> dict:
     """Run every section into `out`; write report.md and report.json. Returns the summary dict."""
@@ -441,13 +453,7 @@ def reproduce(out, *, quick: bool = False, force: bool = False, progress: bool =
                 sec = fn(out, quick, progress)
             except Exception:  # noqa: BLE001 - a failing section is reported, the others still run
                 sec = Section(fn.__name__.replace("_section", ""), error=traceback.format_exc(limit=4))
-            sec.seconds = time.perf_counter() - t
-            done.append(sec)
-            n_ok = sum(law.passed for law in sec.laws)
-            bar.update(1, last=f"{sec.title}: {n_ok}/{len(sec.laws)} pass")
-            if progress:
-                print(f"[reproduce] {sec.title}: {n_ok}/{len(sec.laws)} laws pass"
-                      + (" (section failed)" if sec.error else "") + f" in {sec.seconds:.1f}s", flush=True)
+            _section_done(sec, t, done, bar, progress, "pass")
     seconds = time.perf_counter() - t0
     io.write_bytes_atomic(out / "report.md", _markdown(done, quick, seconds, out=out).encode())
     laws = [asdict(law) for s in done for law in s.laws]
@@ -570,13 +576,7 @@ def reproduce_hf(out, folder, inputs, *, layers=None, quick: bool = False, progr
                 results.append(res)
             except Exception:  # noqa: BLE001 - a failing layer is reported, the others still run
                 sec = Section(f"layer {layer} of {L}", error=traceback.format_exc(limit=4))
-            sec.seconds = time.perf_counter() - t
-            done.append(sec)
-            n_ok = sum(x.passed for x in sec.laws)
-            bar.update(1, last=f"{sec.title}: {n_ok}/{len(sec.laws)} hold")
-            if progress:
-                print(f"[reproduce] {sec.title}: {n_ok}/{len(sec.laws)} laws hold"
-                      + (" (section failed)" if sec.error else "") + f" in {sec.seconds:.1f}s", flush=True)
+            _section_done(sec, t, done, bar, progress, "hold")
         if results:
             bar.update(0, step="across-layer figure")
             path = hf_layers_figure(results, out / "figures" / "hf_layers.png",

@@ -13,7 +13,7 @@ Submodules import their siblings by module path, so there is no import circle; t
 only re-exports, lazily.
 """
 
-import importlib
+from ufmjax.common import lazy_exports
 
 # public name -> submodule; loaded on first use, so `from ufmjax.runs import io` (atomic
 # writes, numpy only) does not import JAX, Flax and Orbax.
@@ -28,11 +28,4 @@ _SUBMODULES = ("folders", "gpt", "hf", "io", "load", "progress", "steer", "sweep
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"ufmjax.runs.{name}")
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'ufmjax.runs' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"ufmjax.runs.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports("ufmjax.runs", _EXPORTS, _SUBMODULES)
