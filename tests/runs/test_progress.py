@@ -63,3 +63,15 @@ def test_nested_bars_share_one_display(monkeypatch):
         bar.update(1)
     text = pipe.getvalue()
     assert "reproduce" in text and "2/2" in text and "again" in text
+
+
+def test_every_step_text_is_drawn_however_short(monkeypatch):
+    """A step done within the 0.2 s refresh was never shown (and a test looking for it flaked)."""
+    monkeypatch.setenv("UFMJAX_PROGRESS", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+    term = Terminal()
+    with Progress(3, "section", stream=term) as bar:
+        for step in ("train", "sweep, 201 alphas", "figures"):
+            bar.update(1, step=step)
+    text = term.getvalue()
+    assert all(f"step={s}" in text for s in ("train", "sweep, 201 alphas", "figures")), text

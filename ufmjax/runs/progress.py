@@ -73,6 +73,7 @@ class Progress:
         self.n, self.t0 = 0, time.perf_counter()
         self._task = None
         self._outer = False
+        self._info = ""
 
     def __enter__(self):
         if not self.enabled:
@@ -106,7 +107,10 @@ class Progress:
         if info:
             fields["info"] = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in info.items())
-        self._rich.update(self._task, advance=n, **fields)
+        # New text is drawn at once: a step shorter than the 0.2 s refresh would never be seen.
+        refresh = bool(fields) and fields["info"] != self._info
+        self._info = fields.get("info", self._info)
+        self._rich.update(self._task, advance=n, refresh=refresh, **fields)
 
     def __exit__(self, exc_type, exc, tb):
         if self._task is None:
