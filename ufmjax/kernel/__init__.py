@@ -17,8 +17,13 @@ happens inside the compiled call. Three paths, equal to rounding:
   only, the softmax part in closed form;
 - "jvp": the reference, nested `jax.jvp` through everything.
 
+Several steering terms (`ufmjax.kernel.multi`): alpha is a vector in R^k, every quantity
+comes with its gradient [k] and Hessian [k, k] (forward mode along the k directions), over
+any [A, k] points; bootstrap resamples of the steering vectors are a batch axis of the same
+compiled pass.
+
 Modules: `grid` (alpha grids, argument checks and output sizes, numpy only), `measure`
-(Measure, Reference, quantities at one alpha), `taylor`, `affine`, `driver` (Evaluator, plan /
+(Measure, Reference, quantities at one alpha), `taylor`, `affine`, `multi`, `driver` (Evaluator, plan /
 drive of a sweep, chunk sizes, placement on devices). Names are loaded on first use, so
 `ufmjax.kernel.grid` (and the CLI's checks before any work) imports no JAX.
 """
@@ -34,12 +39,14 @@ _EXPORTS = {
                      "default_chunk_size", "drive", "largest_intermediate", "plan_sweep", "sweep", "top_tokens"),
                     "driver"),
     **dict.fromkeys(("PREFIXES", "QUANTITIES", "Grid", "check_alphas", "check_grid", "grid_size", "grid_values",
-                     "output_bytes", "parse_alphas", "parse_grid"), "grid"),
+                     "output_bytes", "parse_alphas", "parse_grid", "MULTI_PREFIXES", "ProductGrid", "check_points",
+                     "multi_output_bytes", "parse_product_grid"), "grid"),
+    **dict.fromkeys(("MultiEvaluator", "multi_sweep", "multi_top_tokens", "scalar_view"), "multi"),
     **dict.fromkeys(("Measure", "Reference", "make_measure", "quantities", "reference_fn", "reference_of"),
                     "measure"),
     "closure_jets": "taylor",
 }
-_SUBMODULES = ("affine", "driver", "grid", "measure", "taylor")
+_SUBMODULES = ("affine", "driver", "grid", "measure", "multi", "taylor")
 __all__ = sorted([*_EXPORTS, "trace_count"])
 
 

@@ -370,12 +370,13 @@ def drive(evaluator: Evaluator, plan: SweepPlan, sink=None, progress=None):
       the sink (by default a dict of numpy arrays [A, ...]).
     """
     sink = ArraySink() if sink is None else sink
-    A, C = plan.alphas.size, plan.chunk_size
+    A, C = len(plan.alphas), plan.chunk_size  # [A] alphas, or [A, k] points (`kernel.multi`)
+    prefixes = getattr(evaluator, "prefixes", PREFIXES)
     slots = {}
 
     def collect(i, result):
         lo, hi = i * C, min((i + 1) * C, A)
-        for prefix, tree in zip(PREFIXES, result):
+        for prefix, tree in zip(prefixes, result):
             for name, value in tree.items():
                 value = to_host(value)
                 if prefix + name not in slots:

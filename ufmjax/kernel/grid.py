@@ -152,3 +152,77 @@ def tracked_count(vocab: int, top_k: int | None, top_k_at: str = "max") -> int:
     if top_k is None:
         return int(vocab)
     return min(int(vocab), int(top_k) * (2 if top_k_at == "both" else 1))
+
+
+# ---------------------------------------------------------------- vector-valued alpha (k terms)
+
+# Key prefixes of the value, the gradient [..., k] and the Hessian [..., k, k] of a k-term sweep.
+MULTI_PREFIXES = ("", "grad_", "hess_")
+
+
+def check_points(points, k: int | None = None) -> np.ndarray:
+    """Alpha points of a k-term sweep as float64 [A, k] (a 1-D array is k = 1), finite, else
+    ValueError naming alphas. Any order: every point is evaluated on its own."""
+    raw = np.asarray(points)
+    if raw.dtype.kind not in "iuf" and not raw.dtype.name.startswith(("float", "bfloat")):
+        raise ValueError(f"alphas must be real numbers, got an array of {raw.dtype}")
+    arr = np.asarray(raw, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"alphas must be a non-empty [A, k] array of points, got shape {arr.shape}")
+    if k is not None and arr.shape[1] != k:
+        raise ValueError(f"alphas must have one column per steering term ({k}), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("alphas must be finite (found NaN or inf)")
+    return arr
+
+
+@dataclass(frozen=True)
+class ProductGrid:
+    """The product of one `Grid` per steering term, sized before it is built: point i of the
+    [A, k] array is the grids' values at the multi-index np.unravel_index(i, shape) ('ij'
+    order: the last term's grid varies fastest)."""
+
+    grids: tuple
+
+    @property
+    def k(self) -> int:
+        return len(self.grids)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(g.num for g in self.grids)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def values(self) -> np.ndarray:
+        """The [A, k] points."""
+        axes = np.meshgrid(*[g.values() for g in self.grids], indexing="ij")
+        return np.stack([a.reshape(-1) for a in axes], axis=1)
+
+
+def parse_product_grid(spec: str, k: int | None = None) -> ProductGrid:
+    """'S:E:N,S:E:N,...' (one grid per steering term) -> a checked `ProductGrid`; with `k`, the
+    number of grids must be k (else ValueError naming alphas)."""
+    grids = tuple(parse_grid(part) for part in spec.split(","))
+    if k is not None and len(grids) != k:
+        raise ValueError(f"alphas gives {len(grids)} grid(s) for {k} steering terms: give one START:STOP:NUM per "
+                         f"--vector, separated by commas (or a single grid for a single term)")
+    return ProductGrid(grids)
+
+
+def multi_output_bytes(*, k: int, rows: int, vocab: int, concepts: int, tokens: int, derivatives: int = 2,
+                       dtype="float32", batch: int = 1) -> tuple[int, int]:
+    """`output_bytes` of a k-term sweep: each quantity with its gradient (k) and Hessian (k x k)
+    per point, `batch` times (bootstrap resamples also get their bands: 2 more copies); the
+    points themselves are k float64s."""
+    item = np.dtype(dtype).itemsize
+    letters = {"M": rows, "K": tokens, "G": concepts}
+    per_order = sum(math.prod(letters[c] for c in shape.split("x") if c) for shape in QUANTITIES.values())
+    streams = (1, 1 + k, 1 + k + k * k)[check_order(derivatives)]
+    copies = 1 if batch == 1 else 3
+    per_alpha = per_order * streams * item * copies + 8 * k
+    return per_alpha, 8 * (tokens + vocab + rows) + rows * vocab * item
