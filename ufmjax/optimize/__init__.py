@@ -52,8 +52,17 @@ forward-mode tangents for newton, a reverse pass for the optax solvers); a vecto
 alphas costs one pass when the closure has a registered one-pass `rowwise` form
 (`ufmjax.steering.register_rowwise`: the UFM, linear and GPT closures), else one pass per row.
 
+Several steering vectors (`vector`): alpha in R^k for a k-term closure (k vectors at one layer,
+one vector at k layers with a strength per layer), measured by the k-term kernel
+(`ufmjax.kernel.MultiEvaluator`: gradient [k] and Hessian [k, k] by forward mode).
+`MultiProblem` takes one target concept or a weighted sum of several, [(T, omega), ...], and
+`optimize_vector` solves every objective above (level: one target) by Newton on the kernel's
+Hessian or the optax solvers; for k = 1 it is the shared-alpha answer of `optimize`, and
+`sign="auto"` starts on the side where the target's slope at 0 (`slope_sign`) is positive.
+`grid_optimum` is its baseline: a dense product grid, zoomed around its best point.
+
 Modules: `problem` (Objective, Problem, Result), `solvers` (Lagrangian, Newton, optax,
-`optimize`), `baselines` (grid search, bisection).
+`optimize`), `baselines` (grid search, bisection), `vector` (alpha in R^k).
 """
 
 import sys
@@ -61,10 +70,14 @@ import sys
 from ufmjax.optimize.baselines import bisect_budget, grid_search, objective_values
 from ufmjax.optimize.problem import DEFAULT_LAM, METRICS, OBJECTIVES, Objective, Problem, Result, shifted_rowwise
 from ufmjax.optimize.solvers import FLAT, LADDER, METHODS, closed_form_start, optimize
+from ufmjax.optimize.vector import (MultiProblem, VectorResult, check_targets, grid_optimum, optimize_vector,
+                                    slope_sign, vector_landscape, vector_start)
 
 __all__ = [
     "DEFAULT_LAM", "FLAT", "LADDER", "METHODS", "METRICS", "OBJECTIVES", "Objective", "Problem", "Result",
     "bisect_budget", "closed_form_start", "grid_search", "objective_values", "optimize", "shifted_rowwise",
+    "MultiProblem", "VectorResult", "check_targets", "grid_optimum", "optimize_vector", "slope_sign",
+    "vector_landscape", "vector_start",
 ]
 
 
