@@ -34,7 +34,15 @@ import numpy as np
 from flax import nnx
 
 from ufmjax.common import cast_floats
-from ufmjax.steering import Steered, register_rowwise, residual_rowwise
+from ufmjax.steering import (
+    Steered,
+    add_terms,
+    check_terms,
+    layer_groups,
+    mask_rowwise,
+    register_rowwise,
+    residual_rowwise,
+)
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("all", "last")
@@ -495,3 +503,163 @@ def steered_generate(model: GPT, prompts_BxT, v_D, layer: int, alphas_A, new_tok
     graphdef, state = nnx.split(model)
     fn = _generate_fn(graphdef, layer, positions, prompts.shape[1], int(new_tokens))
     return np.asarray(fn(state, jnp.asarray(prompts), v, jnp.asarray(alphas_A, v.dtype).reshape(-1), key))
+
+
+# ---------------------------------------------------------------- several steering terms
+#
+# k terms (v_i, l_i, positions_i) and alpha_k in R^k: at every cut point l the residual gets
+# h_l <- h_l + sum_{i: l_i = l} alpha_i v_i at the term's positions (Eq. 1 per term). Below
+# min(l_i) nothing depends on alpha_k: that prefix is computed once, outside the closure.
+
+def check_multi(model: GPT, vectors_kxD, layers, positions):
+    """(vectors [k, D] float64, layers, positions) of a k-term spec, validated for this GPT."""
+    return check_terms(vectors_kxD, layers, positions, model.config.width, model.config.layers)
+
+
+@functools.lru_cache(maxsize=64)
+def _multi_steered_fn(graphdef, layers: tuple, rows: str, preserve: bool, cached: bool):
+    """`fn(params, alpha_k) -> logits [M, V]` for one model shape, term layers and mode."""
+    groups = layer_groups(layers)
+    lo = min(layers)
+
+    if cached:
+        # Every term at the last position: one position runs through the blocks, attending to
+        # the cache of the UNSTEERED pass (exact by causality, whatever the terms' layers).
+        def fn(params, alpha_k):
+            model = nnx.merge(graphdef, params["model"])
+            vec_kxD, mask_kx1 = params["vectors"], params["mask"]
+            x = params["x"]
+            L = len(model.blocks)
+            for j, (block, k, v) in enumerate(zip(model.blocks[lo:], params["k"], params["v"])):
+                if lo + j in groups:
+                    x = add_terms(x, alpha_k, vec_kxD, mask_kx1, groups[lo + j], preserve)
+                x = block.step(x, k, v)
+            if L in groups:
+                x = add_terms(x, alpha_k, vec_kxD, mask_kx1, groups[L], preserve)
+            return model.head(x)
+    else:
+        def fn(params, alpha_k):
+            model = nnx.merge(graphdef, params["model"])
+            vec_kxD, mask_kx1xT = params["vectors"], params["mask"]
+            h = params["h"]
+            L = len(model.blocks)
+            for layer in range(lo, L):
+                if layer in groups:
+                    h = add_terms(h, alpha_k, vec_kxD, mask_kx1xT, groups[layer], preserve)
+                block = model.blocks[layer]
+                # rows="last": the last block's MLP and the head run on the last position only.
+                h = block.last(h) if rows == "last" and layer == L - 1 else block(h)
+            if rows == "last" and h.ndim == 3:
+                h = h[:, -1]
+            if L in groups:
+                mask = mask_kx1xT if rows == "all" else mask_kx1xT[..., -1]
+                h = add_terms(h, alpha_k, vec_kxD, mask, groups[L], preserve)
+            y = model.head(h)
+            return y.reshape(-1, y.shape[-1])
+
+    fn.__qualname__ = (f"gpt_multi_steered[layers={layers},rows={rows},preserve={preserve},"
+                       f"cached={cached}]")
+    if rows == "last":  # one row per prompt: a per-row alpha_k is a per-prompt alpha_k
+        register_rowwise(fn, mask_rowwise(fn))
+    return fn
+
+
+def multi_steered_closure(model: GPT, prompts_BxT, vectors_kxD, layers, positions, rows: str = "last",
+                          preserve: bool = False, dtype=jnp.float32, *, cache_last: bool = True) -> Steered:
+    """The GPT steered by k terms at once, as the sweep kernel sees it: alpha_k -> logits.
+
+    Args:
+      model: a GPT.
+      prompts_BxT: prompts of equal length (token ids).
+      vectors_kxD: the k steering vectors ([k, D], or a list of [D] vectors).
+      layers: the cut point in [0, L] of each term (length k).
+      positions: "all" or "last" for each term (length k).
+      rows: "last" (M = B, next-token logits) or "all" (M = B * T; needs every term "all").
+      preserve: at each layer where terms are added, rescale every steered position's
+        residual to the norm it had just before that layer's addition.
+      dtype: precision of the cached prefix, vectors and parameters.
+      cache_last: with every term at "last", run one position against the key/value cache
+        (False: the all-positions path with last-position masks, the same numbers).
+    Returns:
+      Steered(fn, params) with fn(params, alpha_k [k]) -> logits [M, V]; params hold "model",
+      "vectors" [k, D], "mask" [k, 1, T] ([k, 1] on the cache path) and the prefix "h"
+      [B, T, D] at min(layers), or "x" [B, D] with the caches "k", "v" of every later block.
+    """
+    vectors, layers, positions = check_multi(model, vectors_kxD, layers, positions)
+    if rows not in ("last", "all"):
+        raise ValueError(f"rows must be 'last' or 'all', got {rows!r}")
+    if rows == "all" and any(p != "all" for p in positions):
+        raise ValueError("rows='all' (every position's prediction) needs positions='all' for every term")
+    prompts = jnp.asarray(check_prompts(model, prompts_BxT))
+    k, T = vectors.shape[0], prompts.shape[1]
+    model = cast_model(model, dtype)
+    lo = min(layers)
+    h = model.prefix(prompts, lo)
+    cached = bool(cache_last) and all(p == "last" for p in positions)
+    if cached:
+        ks, vs = model.kv_cache(h, lo)
+        cache = {"x": h[:, -1], "k": ks, "v": vs, "mask": jnp.ones((k, 1), dtype)}
+    else:
+        last_T = (np.arange(T) == T - 1).astype(np.float64)
+        mask = np.stack([np.ones(T) if p == "all" else last_T for p in positions])[:, None, :]
+        cache = {"h": h, "mask": jnp.asarray(mask, dtype)}
+    graphdef, state = nnx.split(model)
+    fn = _multi_steered_fn(graphdef, layers, rows, bool(preserve), cached)
+    return Steered(fn, dict(cache, model=state, vectors=jnp.asarray(vectors, dtype)))
+
+
+@functools.lru_cache(maxsize=32)
+def _multi_full_fn(graphdef, layers: tuple, positions: tuple, preserve: bool, rows: str):
+    """jit(vmap over alphas) of the plain full forward pass with every term's addition."""
+
+    def one(state, tokens_BxT, vectors_kxD, alpha_k):
+        model = nnx.merge(graphdef, state)
+        h = model.embed_tokens(tokens_BxT)
+        L = len(model.blocks)
+        for layer in range(L + 1):
+            here = [i for i, li in enumerate(layers) if li == layer]
+            if here:
+                add = jnp.zeros_like(h)
+                for i in here:
+                    if positions[i] == "all":
+                        add = add + alpha_k[i] * vectors_kxD[i]
+                    else:
+                        add = add.at[:, -1].add(alpha_k[i] * vectors_kxD[i])
+                new = h + add
+                if preserve:  # back to the norm before this layer's addition
+                    every = any(positions[i] == "all" for i in here)
+                    touched_T = np.arange(h.shape[1]) >= (0 if every else h.shape[1] - 1)
+                    ratio = jnp.linalg.norm(h, axis=-1, keepdims=True) / jnp.linalg.norm(new, axis=-1, keepdims=True)
+                    new = jnp.where(touched_T[None, :, None], new * ratio, new)
+                h = new
+            if layer < L:
+                h = model.blocks[layer](h)
+        return model.head(h if rows == "all" else h[:, -1])
+
+    return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))
+
+
+def multi_steered_logits_full(model: GPT, prompts_BxT, vectors_kxD, layers, positions, alphas_Axk,
+                              preserve: bool = False, dtype=jnp.float32, rows: str = "last") -> np.ndarray:
+    """Reference: the FULL forward pass from the embedding with every term added at its layer
+    (no prefix, no cache), next-token logits [A, B, V] (rows="all": every position's logits,
+    [A, B, T, V]); the closures must agree with it."""
+    vectors, layers, positions = check_multi(model, vectors_kxD, layers, positions)
+    if rows not in ("last", "all"):
+        raise ValueError(f"rows must be 'last' or 'all', got {rows!r}")
+    prompts = jnp.asarray(check_prompts(model, prompts_BxT))
+    k = vectors.shape[0]
+    alphas = np.asarray(alphas_Axk, np.float64)
+    if alphas.ndim == 1:
+        alphas = alphas[None]
+    if alphas.ndim != 2 or alphas.shape[1] != k:
+        raise ValueError(f"alphas must be [A, {k}] (one alpha per term), got shape {np.shape(alphas_Axk)}")
+    model = cast_model(model, dtype)
+    graphdef, state = nnx.split(model)
+    fn = _multi_full_fn(graphdef, layers, positions, bool(preserve), rows)
+    return np.asarray(fn(state, prompts, jnp.asarray(vectors, dtype), jnp.asarray(alphas, dtype)))
+
+
+def median_residual_norm(model: GPT, prompts_BxT, layer: int) -> float:
+    """Median |h^(l)| over every position of every prompt (the "residual" norm unit of alpha)."""
+    return float(np.median(np.linalg.norm(np.asarray(residual(model, prompts_BxT, layer), np.float64), axis=-1)))

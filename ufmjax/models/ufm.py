@@ -14,7 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ufmjax.steering import Steered, diff_of_means, register_affine, register_rowwise
+from ufmjax.steering import (
+    Steered,
+    check_vectors,
+    diff_of_means,
+    preserve_norm,
+    register_affine,
+    register_rowwise,
+)
 
 
 @dataclass(frozen=True)
@@ -97,3 +104,63 @@ def ufm_steered(model: UFM, v_D) -> Steered:
 def ufm_steering_vector(model: UFM, P, N) -> np.ndarray:
     """Eq. 3: difference of means of the trained context embeddings (columns of H)."""
     return diff_of_means(np.asarray(model.H[...]).T, P, N)
+
+
+# ---------------------------------------------------------------- several steering terms
+
+@register_affine
+def ufm_multi_logits(params, alpha_k):
+    """W (h_j + sum_i alpha_i v_i) = l_j + sum_i alpha_i W v_i (Lemma B.2, k terms): affine.
+
+    params: "W" [V, D], "H" [D, M], "V" [k, D] (the k steering vectors as rows).
+    """
+    W_VxD = params["W"]
+    return (W_VxD @ params["H"]).T + (alpha_k @ params["V"]) @ W_VxD.T
+
+
+def ufm_multi_rowwise(params, alpha_Mxk):
+    """`ufm_multi_logits` with context j steered by alpha_Mxk[j], in one pass."""
+    W_VxD = params["W"]
+    return (W_VxD @ params["H"]).T + (alpha_Mxk @ params["V"]) @ W_VxD.T
+
+
+register_rowwise(ufm_multi_logits, ufm_multi_rowwise)
+
+
+def ufm_multi_preserve_logits(params, alpha_k):
+    """W applied to each context's steered h_j + sum_i alpha_i v_i rescaled to |h_j|.
+
+    Norm-preserving steering: no longer affine in alpha (the rescaling bends the line).
+    """
+    h_MxD = params["H"].T
+    return preserve_norm(h_MxD, h_MxD + alpha_k @ params["V"]) @ params["W"].T
+
+
+def ufm_multi_preserve_rowwise(params, alpha_Mxk):
+    """`ufm_multi_preserve_logits` with context j steered by alpha_Mxk[j], in one pass."""
+    h_MxD = params["H"].T
+    return preserve_norm(h_MxD, h_MxD + alpha_Mxk @ params["V"]) @ params["W"].T
+
+
+register_rowwise(ufm_multi_preserve_logits, ufm_multi_preserve_rowwise)
+
+
+def ufm_multi_steered(model: UFM, vectors_kxD, preserve: bool = False) -> Steered:
+    """The UFM steered along k vectors at once, alpha in R^k (rescaled to |h_j| if preserve).
+
+    Args:
+      model: a UFM.
+      vectors_kxD: the k steering vectors, an array [k, D] or a list of [D] vectors.
+      preserve: rescale each context's steered embedding to its unsteered norm.
+    Returns:
+      Steered(fn, {"W", "H", "V"}) with fn(params, alpha_k) -> logits [M, V].
+    """
+    W_VxD = model.W[...]
+    V_kxD = jnp.asarray(check_vectors(vectors_kxD, W_VxD.shape[1]))
+    fn = ufm_multi_preserve_logits if preserve else ufm_multi_logits
+    return Steered(fn, {"W": W_VxD, "H": model.H[...], "V": V_kxD})
+
+
+def ufm_median_norm(model: UFM) -> float:
+    """Median |h_j| over contexts (the unit of alpha under the "residual" norm convention)."""
+    return float(np.median(np.linalg.norm(np.asarray(model.H[...], np.float64), axis=0)))

@@ -35,7 +35,15 @@ import numpy as np
 from flax import nnx
 
 from ufmjax.models.hf.config import Spec
-from ufmjax.steering import Steered, register_rowwise, residual_rowwise
+from ufmjax.steering import (
+    Steered,
+    add_terms,
+    check_terms,
+    layer_groups,
+    mask_rowwise,
+    register_rowwise,
+    residual_rowwise,
+)
 
 POSITIONS = ("all", "last")
 NEG_INF = -1e30  # finite: a fully masked row of a padded query would otherwise be NaN
@@ -507,3 +515,174 @@ def residual_norms(model: Decoder, prompts, layer: int, dtype=jnp.float32) -> np
     tokens, valid, pos = _prepared(model, prompts)
     h = np.asarray(prefix(model, tokens, valid, pos, check_layer(model, layer), dtype), np.float64)
     return np.linalg.norm(h, axis=-1)[np.asarray(valid)]
+
+
+# ---------------------------------------------------------------- several steering terms
+#
+# k terms (v_i, l_i, positions_i) and alpha_k in R^k: at every cut point l the residual gets
+# h_l <- h_l + sum_{i: l_i = l} alpha_i v_i at the term's (real) positions (Eq. 1 per term).
+
+def check_multi(model: Decoder, vectors_kxD, layers, positions):
+    """(vectors [k, D] float64, layers, positions) of a k-term spec, validated for this model."""
+    return check_terms(vectors_kxD, layers, positions, model.spec.width, model.spec.layers)
+
+
+def _block_last(block: Block, h_BxTxD, mask_BxTxT, cos, sin):
+    """A block's output at the last position only, [B, D] (all positions feed its attention)."""
+    q, k, v = block.qkv(h_BxTxD, cos, sin)
+    sc = jnp.where(mask_BxTxT[:, None, None, -1:], block.scores(q[:, -1:], k), NEG_INF)
+    att = jnp.einsum("bkgqs,bske->bqkge", jax.nn.softmax(sc, axis=-1), v)[:, 0]
+    return block.finish(h_BxTxD[:, -1], att.reshape(att.shape[0], -1))
+
+
+@functools.lru_cache(maxsize=64)
+def _multi_steered_fn(graphdef, layers: tuple, rows: str, preserve: bool, cached: bool):
+    """`fn(params, alpha_k) -> logits [M, V]` for one model shape, term layers and mode."""
+    groups = layer_groups(layers)
+    lo = min(layers)
+
+    if cached:
+        # Every term at the last position: one position per prompt runs through the blocks
+        # against the key/value cache of the UNSTEERED pass (exact by causality).
+        def fn(params, alpha_k):
+            model = nnx.merge(graphdef, params["model"])
+            vec_kxD, mask_kx1 = params["vectors"], params["mask"]
+            x = params["x"]
+            L = len(model.blocks)
+            tables = model.rope(params["pos_last"], x.dtype)
+            for j, (block, k, v, m) in enumerate(zip(model.blocks[lo:], params["k"], params["v"], params["m"])):
+                if lo + j in groups:
+                    x = add_terms(x, alpha_k, vec_kxD, mask_kx1, groups[lo + j], preserve)
+                x = block.step(x, k, v, m, *model._cos_sin(tables, lo + j))
+            if L in groups:
+                x = add_terms(x, alpha_k, vec_kxD, mask_kx1, groups[L], preserve)
+            return model.head(x)
+    else:
+        def fn(params, alpha_k):
+            model = nnx.merge(graphdef, params["model"])
+            vec_kxD, mask_kxBxT = params["vectors"], params["mask"]
+            h, valid, pos = params["h"], params["valid"], params["pos"]
+            L = len(model.blocks)
+            tables, masks = model.rope(pos, h.dtype), model.masks(valid)
+            for layer in range(lo, L):
+                if layer in groups:
+                    h = add_terms(h, alpha_k, vec_kxD, mask_kxBxT, groups[layer], preserve)
+                block = model.blocks[layer]
+                cos, sin = model._cos_sin(tables, layer)
+                if rows == "last" and layer == L - 1:
+                    h = _block_last(block, h, masks[block.window], cos, sin)
+                else:
+                    h = block(h, masks[block.window], cos, sin)
+            if rows == "last" and h.ndim == 3:
+                h = h[:, -1]
+            if L in groups:
+                mask = mask_kxBxT if rows == "all" else mask_kxBxT[..., -1]
+                h = add_terms(h, alpha_k, vec_kxD, mask, groups[L], preserve)
+            y = model.head(h)
+            return y.reshape(-1, y.shape[-1])
+
+    fn.__qualname__ = (f"hf_multi_steered[layers={layers},rows={rows},preserve={preserve},"
+                       f"cached={cached}]")
+    if rows == "last":
+        register_rowwise(fn, mask_rowwise(fn))
+    return fn
+
+
+def multi_steered_closure(model: Decoder, prompts, vectors_kxD, layers, positions, rows: str = "last",
+                          preserve: bool = False, dtype=jnp.float32, *, cache_last: bool = True) -> Steered:
+    """A pretrained model steered by k terms at once: alpha_k -> steered logits [M, V].
+
+    Args:
+      model: a loaded Decoder.
+      prompts: token-id prompts, any lengths (left-padded; padding is never steered).
+      vectors_kxD: the k steering vectors ([k, D], or a list of [D] vectors).
+      layers: the cut point in [0, L] of each term (length k).
+      positions: "all" or "last" for each term (length k).
+      rows: "last" (M = B) or "all" (M = B * T; needs every term "all" and prompts of one length).
+      preserve: at each layer where terms are added, rescale every steered position's
+        residual to the norm it had just before that layer's addition.
+      dtype: precision of the cached prefix and of the computation (weights keep theirs).
+      cache_last: with every term at "last", use the key/value-cached one-position path
+        (False: the all-positions path with last-position masks, the same numbers).
+    Returns:
+      Steered(fn, params) with fn(params, alpha_k [k]) -> logits [M, V]; params hold "model",
+      "vectors" [k, D], "mask" [k, B, T] ([k, 1] on the cache path) and either "h", "valid",
+      "pos" at min(layers) or "x", "pos_last" and the caches "k", "v", "m" of later blocks.
+    """
+    vectors, layers, positions = check_multi(model, vectors_kxD, layers, positions)
+    if rows not in ("last", "all"):
+        raise ValueError(f"rows must be 'last' or 'all', got {rows!r}")
+    tokens, valid, pos = _prepared(model, prompts)
+    if rows == "all" and (any(p != "all" for p in positions) or not bool(np.all(np.asarray(valid)))):
+        raise ValueError("rows='all' needs positions='all' for every term and prompts of one length")
+    k = vectors.shape[0]
+    lo = min(layers)
+    h = prefix(model, tokens, valid, pos, lo, dtype)
+    graphdef, state = nnx.split(model)
+    cached = bool(cache_last) and all(p == "last" for p in positions)
+    if cached:
+        ks, vs, ms = _kv_fn(graphdef, lo)(state, h, valid, pos)
+        cache = {"x": h[:, -1], "pos_last": pos[:, -1], "k": ks, "v": vs, "m": ms,
+                 "mask": jnp.ones((k, 1), dtype)}
+    else:
+        valid_np = np.asarray(valid)
+        last = np.zeros_like(valid_np)
+        last[:, -1] = True  # left padding: every row's last slot is its last real token
+        mask = np.stack([valid_np if p == "all" else last for p in positions])
+        cache = {"h": h, "valid": valid, "pos": pos, "mask": jnp.asarray(mask, dtype)}
+    fn = _multi_steered_fn(graphdef, layers, rows, bool(preserve), cached)
+    return Steered(fn, dict(cache, model=state, vectors=jnp.asarray(vectors, dtype)))
+
+
+@functools.lru_cache(maxsize=32)
+def _multi_full_fn(graphdef, layers: tuple, positions: tuple, preserve: bool, dtype_name: str):
+    """jit(vmap over alphas) of the plain full forward pass with every term's addition."""
+    dtype = jnp.dtype(dtype_name)
+
+    def one(state, tokens, valid, pos, vectors_kxD, alpha_k):
+        model = nnx.merge(graphdef, state)
+        h = model.embed_tokens(tokens, pos, dtype)
+        tables, masks = model.rope(pos, dtype), model.masks(valid)
+        L = len(model.blocks)
+        last = jnp.zeros_like(valid).at[:, -1].set(True)
+        for layer in range(L + 1):
+            here = [i for i, li in enumerate(layers) if li == layer]
+            if here:
+                add = jnp.zeros_like(h)
+                for i in here:
+                    where = valid if positions[i] == "all" else last
+                    add = add + alpha_k[i] * vectors_kxD[i] * where[..., None].astype(dtype)
+                new = h + add
+                if preserve:  # back to the norm before this layer's addition
+                    touched = valid if any(positions[i] == "all" for i in here) else last
+                    ratio = jnp.linalg.norm(h, axis=-1, keepdims=True) / jnp.linalg.norm(new, axis=-1, keepdims=True)
+                    new = jnp.where(touched[..., None], new * ratio, new)
+                h = new
+            if layer < L:
+                block = model.blocks[layer]
+                h = block(h, masks[block.window], *model._cos_sin(tables, layer))
+        return model.head(h[:, -1])
+
+    return jax.jit(jax.vmap(one, in_axes=(None, None, None, None, None, 0)))
+
+
+def multi_steered_logits_full(model: Decoder, prompts, vectors_kxD, layers, positions, alphas_Axk,
+                              preserve: bool = False, dtype=jnp.float32) -> np.ndarray:
+    """Reference: the FULL forward pass from the embedding with every term added at its layer
+    (no prefix, no cache), next-token logits [A, B, V]; the closures must agree with it."""
+    vectors, layers, positions = check_multi(model, vectors_kxD, layers, positions)
+    tokens, valid, pos = _prepared(model, prompts)
+    k = vectors.shape[0]
+    alphas = np.asarray(alphas_Axk, np.float64)
+    if alphas.ndim == 1:
+        alphas = alphas[None]
+    if alphas.ndim != 2 or alphas.shape[1] != k:
+        raise ValueError(f"alphas must be [A, {k}] (one alpha per term), got shape {np.shape(alphas_Axk)}")
+    graphdef, state = nnx.split(model)
+    fn = _multi_full_fn(graphdef, layers, positions, bool(preserve), jnp.dtype(dtype).name)
+    return np.asarray(fn(state, tokens, valid, pos, jnp.asarray(vectors, dtype), jnp.asarray(alphas, dtype)))
+
+
+def median_residual_norm(model: Decoder, prompts, layer: int, dtype=jnp.float32) -> float:
+    """Median |h^(l)| over every real token of every prompt (the "residual" norm unit of alpha)."""
+    return float(np.median(residual_norms(model, prompts, layer, dtype)))
