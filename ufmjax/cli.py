@@ -20,8 +20,9 @@ import numpy as np
 # (the grid, the output's size and path, the run's config.json) answer without JAX.
 from ufmjax.data import CORPORA
 from ufmjax.data.concept_tokens import CONCEPT_NAMES
-from ufmjax.kernel.grid import output_bytes, parse_grid, tracked_count
+from ufmjax.kernel.grid import check_grid, check_points, output_bytes, parse_grid, parse_product_grid, tracked_count
 from ufmjax.runs import io, sweepfile
+from ufmjax.runs.terms import parse_terms
 from ufmjax.runs.folders import check_output
 
 
@@ -45,6 +46,10 @@ data = _Lazy("ufmjax.data")
 runs = _Lazy("ufmjax.runs")
 train_mod = _Lazy("ufmjax.runs.train")
 optim = _Lazy("ufmjax.optimize")
+several = _Lazy("ufmjax.runs.several")
+rollout = _Lazy("ufmjax.analysis.rollout")
+
+NORMS = ("raw", "unit", "residual", "preserve")  # steering.NORMS, without importing JAX
 
 
 def reproduce(*args, **kwargs):
@@ -197,6 +202,18 @@ def _add_steering_args(p) -> None:
                         "model = the unsteered model itself")
     p.add_argument("--layer", type=int, default=None, help="GPT: residual layer to steer (0..L)")
     p.add_argument("--positions", choices=["all", "last"], default=None, help="GPT: positions steered (all)")
+    p.add_argument("--vector", action="append", default=None, metavar="TERM",
+                   help="a steering term, repeated once per term (alpha gets one entry each): "
+                        "target=K[,negatives=contrastive|random][,negative=K2][,layer=L][,positions=all|last]"
+                        "[,weight=W], or file=V.npy[,layer=L][,positions=..]; a bare FILE is file=FILE. "
+                        "Pretrained models: file=V.npy or layer=L (the --positive/--negative difference of means)")
+    p.add_argument("--normalize", choices=NORMS, default="raw",
+                   help="vector norm convention: raw (the paper's v), unit (v/|v|), residual (alpha in units of "
+                        "the median residual norm at the layer), preserve (steered residual rescaled to its "
+                        "unsteered norm)")
+    p.add_argument("--bootstrap", type=int, default=None, metavar="B",
+                   help="B bootstrap resamples of P and N: sweep: _lo/_hi bands of every curve (one vectorised "
+                        "pass); optimize: the spread of the optimal alpha")
 
 
 def _add_hf_args(p) -> None:
@@ -214,7 +231,6 @@ def _add_hf_args(p) -> None:
                    help="the concept as a regular expression over decoded tokens (full match, stripped)")
     g.add_argument("--ce-text", default=None, metavar="FILE",
                    help="held-out text for Delta CE with every position steered (default: shipped prose)")
-    g.add_argument("--vector", default=None, metavar="FILE", help="a steering vector (.npy or .safetensors)")
     g.add_argument("--weights-dtype", "--dtype", dest="weights_dtype", default=None,
                    choices=["float32", "float16", "bfloat16", "float64"],
                    help="cast the weights on loading (default: keep the checkpoint's dtype)")
@@ -229,7 +245,11 @@ def _add_sweep(sub) -> None:
                    help="target concept index (text GPT runs: also a class name, e.g. uppercase); runs only")
     _add_steering_args(p)
     _add_hf_args(p)
-    p.add_argument("--alphas", default="-20:20:401", help="START:STOP:NUM (default -20:20:401)")
+    p.add_argument("--alphas", default=None,
+                   help="START:STOP:NUM (default -20:20:401); with k --vector terms one grid per term, comma-"
+                        "separated (their product is swept; default -20:20:41 each)")
+    p.add_argument("--alphas-file", default=None, metavar="A.npy",
+                   help="the alpha points instead of --alphas: [A] increasing (one term) or [A, k] (k terms)")
     p.add_argument("--top-k", type=int, default=None,
                    help="track only the k most likely tokens (mean over rows) at the end --top-k-at names")
     p.add_argument("--top-k-at", choices=["max", "min", "both"], default=None,
@@ -258,8 +278,8 @@ def _source(args) -> None:
     if (args.run is None) == (args.hf is None):
         raise ValueError("give a run folder or --hf DIR (exactly one)")
     if args.hf is None:
-        if getattr(args, "target", None) is None:
-            raise ValueError("--target is required with a run folder")
+        if getattr(args, "target", None) is None and not getattr(args, "vector", None):
+            raise ValueError("--target is required with a run folder (or --vector target=K)")
         _refuse_given(args, HF_ONLY, "applies to --hf models only")
 
 
@@ -279,7 +299,7 @@ def _refuse_given(args, options, why: str) -> None:
 
 
 HF_ONLY = ("--concept", "--positive", "--negative", "--prompts", "--concept-words", "--concept-regex",
-           "--ce-text", "--vector", "--weights-dtype", "--model-devices")
+           "--ce-text", "--weights-dtype", "--model-devices")
 
 
 # Options of run folders that mean nothing for an --hf model, with their defaults.
@@ -304,7 +324,8 @@ def _hf_inputs(args):
                          f"{spec.layers}: last block's output), got {args.layer}")
     inputs = hf_runs.read_inputs(concept=args.concept, positive=args.positive, negative=args.negative,
                                  prompts=args.prompts, concept_words=args.concept_words,
-                                 concept_regex=args.concept_regex, ce_text=args.ce_text, vector=args.vector)
+                                 concept_regex=args.concept_regex, ce_text=args.ce_text,
+                                 vector=getattr(args, "vector_file", None))
     put = None
     if args.model_devices is not None:
         from ufmjax.models.hf.shard import model_mesh, sharded_put
@@ -327,28 +348,105 @@ def _hf_steering(args, dtype):
 
 def _sweep_hf(args, alphas, dtype, **kw):
     run, st, inputs = _hf_steering(args, dtype)
+    st = several.normalized(run, st, args.normalize)
     ce_text = inputs.ce_text if inputs.ce_text is not None else hf_runs.default_ce_text()
     return hf_runs.hf_sweep(run, st, alphas, top_k=args.top_k, top_k_at=args.top_k_at, chunk_size=args.chunk_size,
                             ce_text=ce_text, **kw)
 
 
+def _resolve_terms(args) -> list:
+    """The --vector terms, parsed and checked without JAX. One term is folded into the single-
+    term options (--target, --negatives, --layer, ...: today's path, keys and shapes); several
+    (k >= 2) are returned, with the single-term options refused (they go in each term)."""
+    terms = parse_terms(args.vector)
+    args.vector_file = None
+    if args.bootstrap is not None and args.bootstrap < 1:
+        raise ValueError(f"--bootstrap B must be an integer >= 1 (resamples of P and N), got {args.bootstrap}")
+    if len(terms) >= 2:
+        _refuse_given(args, ("--target", "--negative-concept", "--layer", "--positions"),
+                      "applies to one steering term: with several --vector terms give target=, negative=, layer= "
+                      "and positions= in each")
+        if args.negatives != "contrastive":
+            raise ValueError("--negatives applies to one steering term: with several --vector terms give "
+                             "negatives= in each")
+        if args.hf is not None and all(t.file is not None for t in terms):
+            args.vector_file = terms[0].file  # the inputs need no --positive/--negative then
+        return terms
+    if terms:
+        t = terms[0]
+        for key, option, dest, default in (("target", "--target", "target", None),
+                                           ("negatives", "--negatives", "negatives", "contrastive"),
+                                           ("negative", "--negative-concept", "negative_concept", None),
+                                           ("layer", "--layer", "layer", None),
+                                           ("positions", "--positions", "positions", None)):
+            value = getattr(t, key)
+            if value is None:
+                continue
+            if getattr(args, dest, default) != default:
+                raise ValueError(f"{option} and --vector {key}= both given: give it once")
+            setattr(args, dest, value)
+        if t.weight != 1.0:
+            raise ValueError("--vector weight= weighs a target among several --vector terms; one term has no weight")
+        args.vector_file = t.file
+        if t.file is not None and args.hf is None and args.target is None:
+            raise ValueError("--vector file= on a run folder needs a target too (target=K in the term, or --target): "
+                             "the concept its rows are measured toward")
+    return []
+
+
+def _points(args, k: int):
+    """The alphas: a `Grid` (one term), a `ProductGrid` (k terms), or the --alphas-file points."""
+    if args.alphas_file is None:
+        if k == 1:
+            return parse_grid(args.alphas or "-20:20:401")
+        return parse_product_grid(args.alphas or ",".join(["-20:20:41"] * k), k)
+    if args.alphas is not None:
+        raise ValueError("give --alphas or --alphas-file, not both")
+    try:
+        arr = np.load(args.alphas_file, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--alphas-file: {args.alphas_file} is not a readable .npy file ({_one_line(e)})") from None
+    try:
+        if k == 1:
+            return check_grid(arr.reshape(-1) if arr.ndim == 2 and arr.shape[1] == 1 else arr)
+        return check_points(arr, k)
+    except ValueError as e:
+        raise ValueError(f"--alphas-file {args.alphas_file}: {e}") from None
+
+
+def _reach(points) -> float:
+    """The largest |alpha| of any point, without building a grid."""
+    if hasattr(points, "grids"):
+        return max(max(abs(g.start), abs(g.stop)) for g in points.grids)
+    if hasattr(points, "start"):
+        return max(abs(points.start), abs(points.stop))
+    return float(np.abs(points).max())
+
+
+def _num_points(points) -> int:
+    return points.size if hasattr(points, "size") and not isinstance(points, np.ndarray) else len(points)
+
+
 def cmd_sweep(args) -> int:
     # Everything the arguments alone decide is checked first, before JAX is imported: a
     # request that cannot run (a 1e8-alpha grid, an unwritable --out) is refused at once.
+    terms = _resolve_terms(args)
+    k = max(1, len(terms))
     _source(args)
-    grid = parse_grid(args.alphas)  # checked, not built: its output size is checked first
+    grid = _points(args, k)  # checked, not built: its output size is checked first
+    num = _num_points(grid)
     max_output = sweepfile.parse_size(args.max_output, "--max-output")
     if not args.out.endswith(".npz"):
         raise ValueError(f"out must be a .npz file, got {args.out!r}")
     check_output(args.out, "--out")  # a run's own files, or a path that cannot be written
     f32_max = float(np.finfo(np.float32).max)
-    if not args.float64 and max(abs(grid.start), abs(grid.stop)) > f32_max:
+    if not args.float64 and _reach(grid) > f32_max:
         raise ValueError(f"--alphas {args.alphas!r} reaches beyond float32 ({f32_max:.3g}): every value there "
                          f"would be inf; sweep a narrower range or add --float64")
     if args.top_k is None and args.top_k_at is not None:
         raise ValueError("--top-k-at applies with --top-k (without it every token is tracked)")
     args.top_k_at = args.top_k_at or "max"
-    _sweep_size_first(args, grid.size, max_output, "float64" if args.float64 else "float32")
+    _sweep_size_first(args, num, max_output, "float64" if args.float64 else "float32", k)
     # A scoped switch, not a global one: the CLI is also called in-process (tests, notebooks).
     with jax.enable_x64(True) if args.float64 else contextlib.nullcontext():
         dtype = jnp.float64 if args.float64 else jnp.float32
@@ -357,38 +455,74 @@ def cmd_sweep(args) -> int:
         # The file is opened (its folder checked writable) before any model is loaded; results
         # stream into it chunk by chunk and it appears, whole, only once everything is computed.
         with sweepfile.SweepFile(args.out, progress=not args.quiet, compress=not args.no_compress) as sink:
-            if args.hf is not None:
-                arrays, meta = _sweep_hf(args, grid, dtype, sink=sink, **{k: kw[k] for k in ("max_output", "progress")})
+            if terms:
+                arrays, meta, what = _sweep_terms(args, terms, grid, dtype, sink, **kw)
+            elif args.hf is not None:
+                arrays, meta = _sweep_hf(args, grid, dtype, sink=sink, bootstrap=args.bootstrap,
+                                         **{k: kw[k] for k in ("max_output", "progress")})
                 what = (f"prompts ({meta['model_type']}, layer {meta['layer']}/{meta['layers']})")
             else:
                 run = _load_run(args)
-                kw.update(target=args.target, negatives=args.negatives, dtype=dtype, sink=sink, **_steer_kwargs(args))
+                vector = None if args.vector_file is None else hf_runs.read_vector(args.vector_file)
+                kw.update(target=args.target, negatives=args.negatives, dtype=dtype, sink=sink,
+                          normalize=args.normalize, bootstrap=args.bootstrap, vector=vector, **_steer_kwargs(args))
                 if isinstance(run, gpt_runs.GPTRun):
                     arrays, meta = gpt_runs.gpt_sweep(run, grid, limits=True, local_ufm=True, text_ce=True,
                                                       presence=True, **kw)
                 else:
                     arrays, meta = runs.ufm_sweep(run, grid, **kw)
                 what = "contexts"
-            summary = (f"{grid.size} alphas x {arrays['probs_base'].shape[0]} {what}, "
+            summary = (f"{num} {'points' if terms else 'alphas'} x {arrays['probs_base'].shape[0]} {what}, "
                        f"max delta_ce={arrays['delta_ce'].max():.4g}")
             sink.commit(meta)
     print(f"wrote {args.out}: {summary}")
     return 0
 
 
-def _sweep_size_first(args, num: int, max_output: int, dtype) -> None:
+def _steering_terms(args, terms, dtype):
+    """(run, MultiSteering) of k >= 2 --vector terms on a run folder or an --hf model."""
+    if args.hf is not None:
+        inputs, put = _hf_inputs(args)
+        run = hf_runs.load_hf(args.hf, args.weights_dtype, put)
+        return run, several.steer_terms_hf(run, inputs, terms, norm=args.normalize, dtype=dtype)
+    run = _load_run(args)
+    return run, several.steer_terms(run, terms, norm=args.normalize, q=args.q,
+                                    seed=0 if args.seed is None else args.seed, ce_against=args.ce_against,
+                                    dtype=dtype)
+
+
+def _sweep_terms(args, terms, points, dtype, sink, *, top_k, top_k_at, chunk_size, max_output, progress):
+    """A sweep of k >= 2 terms over [A, k] points: the k-term keys (README, "Several vectors")."""
+    run, ms = _steering_terms(args, terms, dtype)
+    pts, arrays = several.multi_steering_sweep(ms, points, top_k=top_k, top_k_at=top_k_at, chunk_size=chunk_size,
+                                               max_output=max_output, sink=sink, progress=progress)
+    meta = {**ms.meta, "dtype": str(jnp.dtype(dtype)), "derivatives": 2, "top_k": top_k, "top_k_at": top_k_at,
+            "versions": runs.versions()}
+    several.add_bands(arrays, meta, run, ms, pts, args.bootstrap, top_k=top_k, chunk_size=chunk_size,
+                      progress=progress)
+    if args.hf is not None:
+        arrays["token_strs"] = np.asarray(run.token_strs())[np.asarray(arrays["tokens"])]
+    return arrays, meta, f"rows ({ms.k} terms)"
+
+
+def _sweep_size_first(args, num: int, max_output: int, dtype, k: int = 1) -> None:
     """Refuse a grid too long for --max-output before any model is read: a UFM run's size from
-    its config.json alone; a pretrained model's lower bound (one prompt) from its config."""
+    its config.json alone; a pretrained model's lower bound (one prompt) from its config. With
+    k terms every curve has 1 + k + k^2 copies (value, gradient, Hessian) in place of 3; a
+    bootstrap adds two bands of each."""
+    scale = (1 + k + k * k) / 3 * (3 if args.bootstrap is not None else 1)
     if args.hf is not None:
         V = hf_config.load_spec(args.hf).vocab
         K = tracked_count(V, args.top_k, args.top_k_at)
         per_alpha, fixed = output_bytes(rows=1, vocab=V, concepts=1, tokens=K, dtype=dtype)
+        per_alpha = int(per_alpha * scale)
         sweepfile.check_output_size(per_alpha * num + fixed, max_output, num, at_least=True)
         sweepfile.check_free_space(per_alpha * num + fixed, args.out, compress=not args.no_compress)
         return
     size = sweepfile.config_size(io.load_run_config(args.run), top_k=args.top_k, top_k_at=args.top_k_at,
                                  dtype=dtype)
     if size is not None:
+        size = sweepfile.OutputSize(int(size.per_alpha * scale), size.fixed)
         sweepfile.check_output_size(size.total(num), max_output, num)
         sweepfile.check_free_space(size.total(num), args.out, compress=not args.no_compress)
 
@@ -399,9 +533,11 @@ def _add_optimize(sub) -> None:
     p = sub.add_parser("optimize", help="solve for the best steering strength alpha (penalised, budgeted or "
                                       "target level) by gradients")
     p.add_argument("run", nargs="?", default=None, help="run folder (UFM or GPT), or --hf DIR")
-    p.add_argument("--objective", choices=["penalised", "budget", "level"], default="penalised",
+    p.add_argument("--objective", choices=["penalised", "budget", "level", "rollout-kl"], default="penalised",
                    help="penalised: max dp - lam*D; budget: max dp - lam*D s.t. D <= budget; "
-                        "level: min |alpha| s.t. target-concept probability >= level")
+                        "level: min |alpha| s.t. target-concept probability >= level; rollout-kl: p95 of the "
+                        "teacher-forced KL on steered rollouts = --budget (Newton against regula falsi)")
+    p.add_argument("--tokens", type=int, default=None, help="rollout-kl: tokens T generated per prompt (16)")
     p.add_argument("--lam", type=float, default=None, help="penalty weight (penalised: default 0.1; budget: 0)")
     p.add_argument("--budget", type=float, default=None, help="distortion budget in nats (objective budget)")
     p.add_argument("--level", type=float, default=None, help="target-concept probability in (0, 1) (objective level)")
@@ -434,6 +570,11 @@ def _contexts(text):
 
 
 def cmd_optimize(args) -> int:
+    terms = _resolve_terms(args)
+    if args.objective == "rollout-kl":
+        return _optimize_rollout(args, terms)
+    if args.tokens is not None:
+        raise ValueError("--tokens applies to --objective rollout-kl")
     # float64 by default, as a scoped switch (the CLI is also called in-process).
     with jax.enable_x64(True) if not args.float32 else contextlib.nullcontext():
         if not args.out.endswith(".json"):
@@ -443,27 +584,107 @@ def cmd_optimize(args) -> int:
                               metric=args.metric)
         dtype = jnp.float32 if args.float32 else jnp.float64
         _source(args)
+        if terms:
+            if args.per_context or args.bootstrap is not None:
+                raise ValueError(f"{'--per-context' if args.per_context else '--bootstrap'} applies to one "
+                                 f"steering term, not to several --vector terms")
+            _, ms = _steering_terms(args, terms, dtype)
+            result = optim.optimize_vector(ms.problem(contexts=_contexts(args.contexts)), objective,
+                                           method=args.method, tol=args.tol, max_iter=args.max_iter,
+                                           alpha_max=args.alpha_max, lr=args.lr)
+            out = {**result.to_dict(), **ms.meta, "dtype": str(jnp.dtype(dtype)), "versions": runs.versions()}
+            io.write_json_atomic(args.out, out)
+            print(f"alpha={[round(a, 6) for a in result.alpha]} objective={result.objective:.6g} "
+                  f"delta_p_target={result.delta_p_target:.4g} delta_ce={result.delta_ce:.4g} kl={result.kl:.4g} "
+                  f"iterations={result.iterations} evaluations={result.evaluations} ({args.out})")
+            return _converged(result)
         if args.hf is not None:
-            st = _hf_steering(args, dtype)[1]
+            run, st = _hf_steering(args, dtype)[:2]
         else:
-            st = _load_run(args).steer(args.target, args.negatives, dtype=dtype, **_steer_kwargs(args))
+            run = _load_run(args)
+            st = run.steer(args.target, args.negatives, dtype=dtype, **_steer_kwargs(args))
+            if args.vector_file is not None:
+                st = several.file_vector(st, hf_runs.read_vector(args.vector_file))
+        st = several.normalized(run, st, args.normalize)
         problem = st.problem(contexts=_contexts(args.contexts))
-        result = optim.optimize(problem, objective, per_context=args.per_context, method=args.method, tol=args.tol,
-                          max_iter=args.max_iter, alpha_max=args.alpha_max, lr=args.lr)
+        kw = dict(per_context=args.per_context, method=args.method, tol=args.tol, max_iter=args.max_iter,
+                  alpha_max=args.alpha_max, lr=args.lr)
+        result = optim.optimize(problem, objective, **kw)
         meta = {k: v for k, v in st.meta.items() if k != "target"}
         if "context_concept" in st.arrays:
             meta["context_concept"] = st.arrays["context_concept"][problem.contexts].tolist()
         out = {**result.to_dict(), **meta, "dtype": str(jnp.dtype(dtype)), "versions": runs.versions()}
+        if args.bootstrap is not None:
+            if args.per_context:
+                raise ValueError("--bootstrap applies to a shared alpha, not --per-context")
+            out["bootstrap"] = several.bootstrap_optima(run, st, objective, args.bootstrap, **kw)
         io.write_json_atomic(args.out, out)
     alpha = result.alpha if not args.per_context else f"[{min(result.alpha):.4g} .. {max(result.alpha):.4g}]"
     alpha = f"{alpha:.6g}" if isinstance(alpha, float) else alpha
+    spread = ""
+    if args.bootstrap is not None:
+        b = out["bootstrap"]
+        spread = f" bootstrap {b['interval'][0]:g}-{b['interval'][1]:g}%: [{b['lo']:.4g}, {b['hi']:.4g}]"
     print(f"alpha={alpha} objective={result.objective:.6g} delta_p_target={result.delta_p_target:.4g} "
           f"delta_ce={result.delta_ce:.4g} kl={result.kl:.4g} iterations={result.iterations} "
-          f"evaluations={result.evaluations} ({args.out})")
+          f"evaluations={result.evaluations}{spread} ({args.out})")
+    return _converged(result)
+
+
+def _converged(result) -> int:
     if result.converged:
         return 0
     print(f"ufmjax optimize: NOT CONVERGED: {result.message}", file=sys.stderr)
     return 1
+
+
+def _optimize_rollout(args, terms) -> int:
+    """`--objective rollout-kl`: the alpha whose p95 teacher-forced KL on steered rollouts is
+    --budget, by Newton on its derivative (re-rolling each step) and by regula falsi."""
+    if terms:
+        raise ValueError("--objective rollout-kl steers one term (a scalar alpha), not several --vector terms")
+    if args.budget is None or not args.budget > 0:
+        raise ValueError(f"--budget must be a KL budget > 0 (nats) for rollout-kl, got {args.budget}")
+    tokens = 16 if args.tokens is None else args.tokens
+    if tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {tokens}")
+    for name in ("lam", "level"):
+        if getattr(args, name) is not None:
+            raise ValueError(f"--{name} does not apply to --objective rollout-kl")
+    if not args.out.endswith(".json"):
+        raise ValueError(f"out must be a .json file, got {args.out!r}")
+    check_output(args.out, "--out")
+    _source(args)
+    with jax.enable_x64(True) if not args.float32 else contextlib.nullcontext():
+        dtype = jnp.float32 if args.float32 else jnp.float64
+        if args.hf is not None:
+            run, st = _hf_steering(args, dtype)[:2]
+            rows = [r[r >= 0] for r in st.arrays["prompts"]]
+            rm = rollout.hf_rollout_model(run.model, rows, st.vector, st.meta["layer"], st.meta["positions"], dtype)
+        else:
+            run = _load_run(args)
+            if not isinstance(run, gpt_runs.GPTRun):
+                raise ValueError("--objective rollout-kl needs a model that generates text (a GPT run or --hf)")
+            st = run.steer(args.target, args.negatives, dtype=dtype, **_steer_kwargs(args))
+            rm = rollout.gpt_rollout_model(run.model, st.arrays["prompts"], st.vector, st.meta["layer"],
+                                           st.meta["positions"], dtype)
+        pb = st.problem()  # the target's slope at 0 picks the side of alpha (the kernel's d dp / d alpha)
+        slope = float(np.asarray(pb.at0["dp"][1])[0] @ pb.w_E)
+        if slope == 0.0:
+            raise ValueError("the target's slope at alpha = 0 is 0: no side of alpha raises it")
+        sign = 1 if slope > 0 else -1
+        res = rollout.compare_budget(rm, args.budget, tokens, sign=sign)
+        out = {k: v for k, v in res.items() if k != "results"}
+        out.update(objective="rollout-kl", sign=sign, slope_at_0=slope,
+                   newton_path=res["results"]["newton"].path, regula_falsi_path=res["results"]["regula_falsi"].path,
+                   **{k: v for k, v in st.meta.items() if k != "target"}, dtype=str(jnp.dtype(dtype)),
+                   versions=runs.versions())
+        io.write_json_atomic(args.out, out)
+    n, r = res["newton"], res["regula_falsi"]
+    print(f"rollout-kl p95<={args.budget:g}: newton alpha={n['alpha']:.6g} (p95={n['value']:.4g}, {n['rollouts']} "
+          f"rollouts), regula falsi alpha={r['alpha']:.6g} (p95={r['value']:.4g}, {r['rollouts']} rollouts) "
+          f"({args.out})")
+    return 0 if n["converged"] and r["converged"] else 1
 
 
 # ---------------------------------------------------------------- reproduce and bench

@@ -256,7 +256,10 @@ class GPTRun:
         check_ce_against(ce_against)
         target = self.target_index(target)
         steer_prompts, P, N = steering_sets(self, target, negatives, negative_concept, q, seed)
-        v = gpt_steering_vector(model, steer_prompts, P, N, layer)
+        if len(P) == 0 or len(N) == 0:
+            raise ValueError("P and N prompt sets must be non-empty")
+        feats = mean_residual(model, steer_prompts, layer)  # Eq. 3's per-prompt terms
+        v = diff_of_means(feats, P, N)
         rows = sweep_rows(self)
         meta = {"model": "gpt", "corpus": self.corpus, "run": str(self.path), "target": int(target),
                 "target_name": CLASSES[target] if self.corpus == "text" else f"concept {target}",
@@ -266,7 +269,8 @@ class GPTRun:
         return Steering(steered_closure(model, rows.prompts, v, layer, positions, dtype=dtype),
                         concept_of=rows.concept_of, ce_target=rows.ce_target if ce_against == "data" else None,
                         weights=rows.weights, P=np.asarray(P), N=np.asarray(N), vector=np.asarray(v),
-                        target=int(target), dtype=jnp.dtype(dtype), meta=meta, arrays=arrays)
+                        target=int(target), dtype=jnp.dtype(dtype), meta=meta, arrays=arrays,
+                        features=(np.asarray(feats, np.float64)[P], np.asarray(feats, np.float64)[N]))
 
 
 def load_gpt_run(run_dir) -> GPTRun:
@@ -374,7 +378,8 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
               ce_against: str = "data", top_k: int | None = None, top_k_at: str = "max", derivatives: int = 2,
               chunk_size: int | None = None, dtype=jnp.float32, limits: bool = False, local_ufm: bool = False,
               text_ce: bool = False, presence: bool = False, max_output: int | None = None, sink=None,
-              progress: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+              progress: bool = False, normalize: str = "raw", bootstrap: int | None = None,
+              bootstrap_seed: int = 0, vector=None) -> tuple[dict[str, np.ndarray], dict]:
     """Steer a trained GPT toward concept `target` at layer `layer` and sweep it. Returns (arrays, meta).
 
     Args:
@@ -394,6 +399,11 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
       sink: where the arrays go (a `runs.sweepfile.SweepFile` streams the kernel's to disk;
         the probes are computed in memory, [A] each after their reduction over rows).
       progress: progress bars over the grid (the kernel's sweep and the text CE).
+      normalize: the vector's norm convention (`runs.several.normalized`); with "preserve"
+        the probes of additive steering (limits, local UFM, text CE, presence) are left out.
+      bootstrap, bootstrap_seed: B resamples of P and N give `<key>_lo` / `<key>_hi` bands of
+        every kernel curve (`runs.several.bootstrap_bands`).
+      vector: a [D] vector (from a file) instead of Eq. 3's, added at `layer`.
     Returns:
       arrays: the kernel's keys (as for the UFM) and P, N (indices into steer_prompts),
         steering_vector, prompts [M, T] (the rows), steer_prompts; concept data: p_data,
@@ -405,9 +415,14 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
         concept_presence [A'], concept_share [A'].
       meta: a JSON-able dict (model "gpt", corpus, layer, positions, target, ...).
     """
+    from ufmjax.runs.several import add_bands, file_vector, normalized
+
     t0 = time.perf_counter()
     st = run.steer(target, negatives, negative_concept=negative_concept, q=q, seed=seed, ce_against=ce_against,
                    layer=layer, positions=positions, dtype=dtype)
+    st = normalized(run, file_vector(st, vector), normalize)
+    if normalize == "preserve":  # the probes below are laws of additive steering
+        limits = local_ufm = text_ce = presence = False
     model, layer, positions, target = run.model, st.meta["layer"], st.meta["positions"], st.target
     prompts = st.arrays["prompts"]
     if chunk_size is None:
@@ -417,9 +432,11 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
                        presence=PRESENCE_POINTS if presence else 0)
     alphas, arrays = sweep_grid(st, alphas, top_k=top_k, top_k_at=top_k_at, derivatives=derivatives,
                                 chunk_size=chunk_size, max_output=max_output, extra=extra, sink=sink,
-                                progress=progress, desc="sweep gpt")
+                                progress=progress, desc="sweep gpt", bands=bootstrap is not None)
     meta: dict[str, Any] = {**st.meta, "dtype": str(jnp.dtype(dtype)), "derivatives": derivatives, "top_k": top_k,
                             "top_k_at": top_k_at, "versions": versions()}
+    add_bands(arrays, meta, run, st, alphas, bootstrap, seed=bootstrap_seed, top_k=top_k, derivatives=derivatives,
+              chunk_size=chunk_size, progress=progress)
     if limits or local_ufm:  # a few seconds on a text GPT: a bar (elapsed time) says what runs
         with Progress(1, "limit and local-UFM probes", enabled=progress) as bar:
             _add_probes(arrays, meta, run.model, st, alphas, chunk_size, limits, local_ufm)

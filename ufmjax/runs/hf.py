@@ -32,6 +32,7 @@ from ufmjax.data.concept_tokens import (
     word_concept,
 )
 from ufmjax.data.prompts import InputError, read_text, read_texts, read_words
+from ufmjax.runs.terms import read_vector  # noqa: F401  (the --vector reader, re-exported)
 from ufmjax.models.hf.config import Spec, load_spec
 from ufmjax.models.hf.load import load_decoder
 from ufmjax.models.hf.model import (
@@ -84,12 +85,17 @@ class HFRun:
         front of every text (a BOS) are left out of the means: their residual is the same in
         every prompt and, in Llama or Gemma, far larger than the others, so with prompts of
         different lengths it would leak into v with weight mean_P 1/len - mean_N 1/len."""
+        mP, mN = self.steering_features(positive, negative, layer, dtype)
+        return mP.mean(axis=0) - mN.mean(axis=0)
+
+    def steering_features(self, positive, negative, layer: int, dtype=jnp.float32):
+        """The token-averaged residuals of every P and N prompt ([|P|, D], [|N|, D]): the
+        terms of `steering_vector`'s means, for bootstrap resamples of the two sets."""
         P = self.encode(positive, "--positive")
         N = self.encode(negative, "--negative")
         skip = self.tokenizer.special_prefix()
-        mP = token_mean_residual(self.model, P, layer, dtype, skip=skip)
-        mN = token_mean_residual(self.model, N, layer, dtype, skip=skip)
-        return mP.mean(axis=0) - mN.mean(axis=0)
+        return (token_mean_residual(self.model, P, layer, dtype, skip=skip),
+                token_mean_residual(self.model, N, layer, dtype, skip=skip))
 
     def steer(self, *, prompts, positive=None, negative=None, concept_words=None, concept_regex=None,
               concept_name: str | None = None, vector=None, layer: int | None = None, positions: str = "all",
@@ -110,11 +116,12 @@ class HFRun:
         if vector is None:
             if not positive or not negative:
                 raise InputError("give --positive and --negative prompt files (or --vector)")
-            v = self.steering_vector(positive, negative, layer, dtype)
+            feats = self.steering_features(positive, negative, layer, dtype)
+            v = feats[0].mean(axis=0) - feats[1].mean(axis=0)
             q = (len(positive), len(negative))
         else:
             v = check_vector(self.model, np.asarray(vector, np.float64), "--vector")
-            q = (0, 0)
+            q, feats = (0, 0), None
         steered = steered_closure(self.model, rows, v, layer, positions, rows="last", dtype=dtype)
         concept_of = concept_of_tokens(mask)
         lengths = np.asarray([r.size for r in rows])
@@ -129,7 +136,7 @@ class HFRun:
         arrays = {"prompts": padded, "prompt_lengths": lengths, "concept_mask": mask}
         return Steering(steered, concept_of=concept_of, ce_target=None, weights=None,
                         P=np.arange(q[0]), N=np.arange(q[1]), vector=np.asarray(v), target=1,
-                        dtype=jnp.dtype(dtype), meta=meta, arrays=arrays)
+                        dtype=jnp.dtype(dtype), meta=meta, arrays=arrays, features=feats)
 
 
 def load_hf(folder, dtype: str | None = None, put=None) -> HFRun:
@@ -144,32 +151,6 @@ def load_hf(folder, dtype: str | None = None, put=None) -> HFRun:
     tok.check_vocab(spec.vocab)
     model = load_decoder(folder, dtype, put)
     return HFRun(folder, model.spec, model, tok)
-
-
-def read_vector(path) -> np.ndarray:
-    """A steering vector from a .npy file or a .safetensors file holding one tensor."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--vector: no file {str(path)!r}")
-    if path.suffix == ".npy":
-        try:
-            v = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise InputError(f"--vector: {path} is not a readable .npy file ({e})") from None
-    elif path.suffix == ".safetensors":
-        from ufmjax.models.hf.checkpoint import Checkpoint
-
-        with Checkpoint.from_file(path) as ck:
-            names = ck.names()
-            if len(names) != 1:
-                raise InputError(f"--vector: {path} holds {len(names)} tensors; it must hold exactly one")
-            v = ck.read(names[0], "float32")
-    else:
-        raise InputError(f"--vector: {path} must be a .npy or .safetensors file")
-    v = np.asarray(v).reshape(-1) if np.asarray(v).ndim == 2 and 1 in np.asarray(v).shape else np.asarray(v)
-    if v.ndim != 1 or not np.issubdtype(v.dtype, np.floating):
-        raise InputError(f"--vector: {path} must hold a 1-D float vector, got shape {v.shape} {v.dtype}")
-    return v.astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -256,7 +237,8 @@ def text_windows(run: HFRun, text: str, windows: int = TEXT_WINDOWS, width: int 
 def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_k_at: str = "max",
              derivatives: int = 2, chunk_size: int | None = None, ce_text: str | None = None,
              limits: bool = True, local_ufm: bool = True, max_output: int | None = None, sink=None,
-             progress: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+             progress: bool = False, bootstrap: int | None = None,
+             bootstrap_seed: int = 0) -> tuple[dict[str, np.ndarray], dict]:
     """Sweep a steered pretrained model. Returns (arrays, meta) with the GPT run's keys.
 
     alphas: an increasing grid or a `kernel.Grid`.
@@ -267,7 +249,14 @@ def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_
     limits / local_ufm: the Prop. 4.1 distance and the local UFM, as for a GPT run.
     max_output, sink, progress: as for `gpt_sweep` (a size limit checked before the grid is
       built, where the arrays go, progress bars).
+    bootstrap, bootstrap_seed: B resamples of the positive and negative prompts give
+      `<key>_lo` / `<key>_hi` bands (`runs.several.bootstrap_bands`). A norm-preserving `st`
+      (`runs.several.normalized`) leaves out the probes of additive steering.
     """
+    from ufmjax.runs.several import add_bands
+
+    if st.meta.get("normalize") == "preserve":
+        limits, local_ufm, ce_text = False, False, None
     t0 = time.perf_counter()
     M = st.arrays["prompts"].shape[0]
     T = st.arrays["prompts"].shape[1] if st.meta["positions"] == "all" else 1
@@ -280,10 +269,12 @@ def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_
                        text_ce_derivatives=None if win is None else derivatives, fixed=fixed)
     alphas, arrays = sweep_grid(st, alphas, top_k=top_k, top_k_at=top_k_at, derivatives=derivatives,
                                 chunk_size=chunk, max_output=max_output, extra=extra, sink=sink,
-                                progress=progress, desc="sweep hf")
+                                progress=progress, desc="sweep hf", bands=bootstrap is not None)
     arrays["token_strs"] = np.asarray(strs)[arrays["tokens"]]  # decoded tracked tokens
     meta: dict[str, Any] = {**st.meta, "dtype": str(st.dtype), "derivatives": derivatives, "top_k": top_k,
                             "top_k_at": top_k_at, "versions": versions()}
+    add_bands(arrays, meta, run, st, alphas, bootstrap, seed=bootstrap_seed, top_k=top_k, derivatives=derivatives,
+              chunk_size=chunk, progress=progress)
     if limits or local_ufm:
         add_probes(arrays, meta, st, alphas, chunk, limit_logits(run.model, st.vector, st.dtype) if limits else None,
                    local_ufm)

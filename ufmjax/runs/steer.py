@@ -47,6 +47,8 @@ class Steering:
       dtype: the closure's precision.
       meta: JSON-able description (model, run, target, negatives, layer, ...).
       arrays: run-specific arrays a sweep file carries beside the kernel's (p_data, prompts, ...).
+      features: (rows of P [|P|, D], rows of N [|N|, D]) whose means' difference is `vector`
+        (Eq. 3), for bootstrap resamples of the steering sets; None for a vector from a file.
     """
 
     steered: Steered
@@ -60,6 +62,7 @@ class Steering:
     dtype: Any
     meta: dict = field(default_factory=dict)
     arrays: dict = field(default_factory=dict)
+    features: tuple | None = None
 
     def measure(self, tokens=None) -> Measure:
         """The validated Measure of these rows, tracking `tokens` (all by default)."""
@@ -99,7 +102,7 @@ class Steering:
 
 def sweep_grid(st: Steering, alphas, *, top_k: int | None = None, top_k_at: str = "max", derivatives: int = 2,
                chunk_size: int | None = None, max_output: int | None = None, extra: OutputSize | None = None,
-               sink=None, progress: bool = False, desc: str = "sweep"):
+               sink=None, progress: bool = False, desc: str = "sweep", bands: bool = False):
     """The sweep every run type shares (`ufm_sweep`, `gpt_sweep`, `hf_sweep`).
 
     Args:
@@ -116,12 +119,16 @@ def sweep_grid(st: Steering, alphas, *, top_k: int | None = None, top_k_at: str 
       sink: where the results go (`runs.sweepfile.SweepFile` streams them to disk); a dict by default.
       progress: show a progress bar over the grid.
       desc: the bar's label.
+      bands: bootstrap bands follow (`runs.several.add_bands`): their two copies of every
+        curve count toward max_output.
     Returns:
       (alphas [A] as float64 numpy, arrays: the sink with the kernel's keys, P, N,
       steering_vector and the run's `arrays`).
     """
     num = grid_size(alphas)
     size = st.output_size(top_k=top_k, top_k_at=top_k_at, derivatives=derivatives)
+    if bands:
+        size = OutputSize(3 * size.per_alpha, size.fixed)
     if extra is not None:
         size = OutputSize(size.per_alpha + extra.per_alpha, size.fixed + extra.fixed)
     check_output_size(size.total(num), max_output, num)

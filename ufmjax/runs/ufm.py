@@ -91,7 +91,14 @@ class UFMRun:
         return Steering(ufm_steered(self.model, v), concept_of=data.concept_of,
                         ce_target=data.p_MxV if ce_against == "data" else None, weights=data.pi, P=P, N=N,
                         vector=np.asarray(v), target=target, dtype=jnp.dtype(dtype), meta=meta,
-                        arrays={"p_data": data.p_MxV, "context_concept": data.context_concept})
+                        arrays={"p_data": data.p_MxV, "context_concept": data.context_concept},
+                        features=_context_features(self.model, P, N))
+
+
+def _context_features(model: UFM, P, N):
+    """The context embeddings of P and N (float64), whose means' difference is Eq. 3's v."""
+    h_MxD = np.asarray(model.H[...], np.float64).T
+    return h_MxD[np.asarray(P)], h_MxD[np.asarray(N)]
 
 
 def int_target(target, num_concepts: int) -> int:
@@ -129,7 +136,8 @@ def ufm_sweep(run: UFMRun, alphas, *, target: int, negatives: str = "contrastive
               ce_against: str = "data", top_k: int | None = None, top_k_at: str = "max", derivatives: int = 2,
               chunk_size: int | None = None, dtype=jnp.float32, layer=None,
               positions: str | None = None, max_output: int | None = None, sink=None,
-              progress: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+              progress: bool = False, normalize: str = "raw", bootstrap: int | None = None,
+              bootstrap_seed: int = 0, vector=None) -> tuple[dict[str, np.ndarray], dict]:
     """Steer a trained UFM toward `target` and sweep it. Returns (arrays, meta).
 
     `alphas`: an increasing grid, or a `kernel.Grid` (built once its output size is accepted).
@@ -142,12 +150,21 @@ def ufm_sweep(run: UFMRun, alphas, *, target: int, negatives: str = "contrastive
     `sink`: where the arrays go (a `runs.sweepfile.SweepFile` streams them to disk); a dict by default.
     `progress`: a progress bar over the grid.
     `layer` and `positions` are refused as `UFMRun.steer` refuses them (GPT options).
+    `normalize`: the vector's norm convention (`runs.several.normalized`: raw, unit, residual,
+    preserve). `bootstrap`: B resamples of P and N, swept in one pass, give `<key>_lo` /
+    `<key>_hi` bands of every curve (`runs.several.bootstrap_bands`; seed `bootstrap_seed`).
+    `vector`: a [D] vector (from a file) instead of Eq. 3's; the rows stay the run's.
     """
+    from ufmjax.runs.several import add_bands, file_vector, normalized
+
     st = run.steer(target, negatives, negative_concept=negative_concept, q=q, seed=seed, ce_against=ce_against,
                    layer=layer, positions=positions, dtype=dtype)
-    _, arrays = sweep_grid(st, alphas, top_k=top_k, top_k_at=top_k_at, derivatives=derivatives,
-                           chunk_size=chunk_size, max_output=max_output, sink=sink, progress=progress,
-                           desc="sweep ufm")
+    st = normalized(run, file_vector(st, vector), normalize)
+    alphas, arrays = sweep_grid(st, alphas, top_k=top_k, top_k_at=top_k_at, derivatives=derivatives,
+                                chunk_size=chunk_size, max_output=max_output, sink=sink, progress=progress,
+                                desc="sweep ufm", bands=bootstrap is not None)
     meta = {**st.meta, "dtype": str(jnp.dtype(dtype)), "derivatives": derivatives, "top_k": top_k,
             "top_k_at": top_k_at, "versions": versions()}
+    add_bands(arrays, meta, run, st, alphas, bootstrap, seed=bootstrap_seed, top_k=top_k, derivatives=derivatives,
+              chunk_size=chunk_size, progress=progress)
     return arrays, meta
