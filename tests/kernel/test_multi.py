@@ -155,3 +155,28 @@ def test_evaluator_at_and_bad_points(x64, rng):
     for bad, match in (([[np.nan, 0.0]], "finite"), (np.zeros((0, 2)), "non-empty"), ([[1.0, 2.0, 3.0]], "column")):
         with pytest.raises(ValueError, match=match):
             ev.at(bad)
+
+
+def test_gpt_two_terms_equal_central_differences(x64, rng):
+    """A GPT with terms at two layers (one last-position): grad and Hessian of every quantity
+    == central differences to 1e-3 relative (float64); the Hessian is symmetric."""
+    from ufmjax.models.gpt import GPTConfig, cast_model, init_gpt, multi_steered_closure
+
+    model = cast_model(init_gpt(GPTConfig(vocab=11, context=8, layers=2, width=16, heads=2, mlp_ratio=2,
+                                          init_scale=0.3), seed=3), jnp.float64)
+    prompts = rng.integers(0, 11, size=(3, 6))
+    vectors = rng.normal(size=(2, 16))
+    st = multi_steered_closure(model, prompts, vectors, [0, 1], ["all", "last"], dtype=jnp.float64)
+    alpha, h = np.array([0.7, -0.4]), 1e-4
+    pts = np.stack([alpha] + [alpha + s * h * e for e in np.eye(2) for s in (1, -1)])
+    out = multi_sweep(st, pts, k=2, concept_of=np.arange(11) % 3, dtype=jnp.float64)
+    for name in ("delta_p", "concept_prob", "delta_ce", "kl", "entropy"):
+        fd = np.stack([(out[name][1 + 2 * i] - out[name][2 + 2 * i]) / (2 * h) for i in range(2)], axis=-1)
+        close = np.abs(out["grad_" + name][0] - fd).max() / max(np.abs(fd).max(), 1e-12)
+        assert close < 1e-3, (name, close)
+        fd2 = np.stack([(out["grad_" + name][1 + 2 * i] - out["grad_" + name][2 + 2 * i]) / (2 * h)
+                        for i in range(2)], axis=-1)
+        close2 = np.abs(out["hess_" + name][0] - fd2).max() / max(np.abs(fd2).max(), 1e-12)
+        assert close2 < 1e-3, (name, close2)
+        hs = out["hess_" + name]
+        np.testing.assert_allclose(hs, np.swapaxes(hs, -1, -2), rtol=1e-10, atol=1e-14)
