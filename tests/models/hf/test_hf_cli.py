@@ -274,7 +274,7 @@ def test_target_with_hf(files, tmp_path, capsys, command):
     _fails(capsys, [command, *hf_args(files), "--target", "1", "--out", str(out)], out, "--target")
 
 
-@pytest.mark.parametrize("option", ["--positive", "--prompts", "--concept-words", "--vector"])
+@pytest.mark.parametrize("option", ["--positive", "--prompts", "--concept-words"])  # --vector: runs take it too
 def test_hf_only_option_with_a_run_folder(files, tmp_path, capsys, option):
     out = tmp_path / "s.npz"
     value = {"--positive": files["positive"], "--prompts": files["prompts"],
