@@ -74,6 +74,16 @@ def check_dtype(dtype) -> jnp.dtype:
     return dtype
 
 
+def check_quantities(quantities) -> tuple | None:
+    """Names of QUANTITIES to compute, as a tuple (None: all), else ValueError naming them."""
+    if quantities is None:
+        return None
+    unknown = sorted(set(quantities) - set(QUANTITIES))
+    if unknown:
+        raise ValueError(f"quantities must be names of {sorted(QUANTITIES)}, got {unknown}")
+    return tuple(quantities)
+
+
 def resolve_method(fn, method: str, num_concepts: int) -> str:
     """'auto' -> 'affine' for closures declared affine (few concepts), else 'taylor'."""
     if method not in METHODS:
@@ -194,12 +204,7 @@ class Evaluator:
         self.dtype = check_dtype(dtype)
         self.order = check_order(order)
         self.fn = steered.fn
-        if quantities is not None:
-            unknown = sorted(set(quantities) - set(QUANTITIES))
-            if unknown:
-                raise ValueError(f"quantities must be names of {sorted(QUANTITIES)}, got {unknown}")
-            quantities = tuple(quantities)
-        self.quantities = quantities
+        self.quantities = check_quantities(quantities)
         self.method = resolve_method(self.fn, method, measure.num_concepts)
         self.model_mesh = model_mesh(steered.params)
         if self.model_mesh is not None:  # the model is sharded: its mesh carries the alphas too

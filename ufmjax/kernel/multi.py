@@ -35,9 +35,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ufmjax.common import cast_floats
 from ufmjax.kernel import measure as ms_mod
-from ufmjax.kernel.driver import (check_devices, check_dtype, default_chunk_size, drive, largest_intermediate, model_mesh,
+from ufmjax.kernel.driver import (check_devices, check_dtype, check_quantities, default_chunk_size, drive, largest_intermediate, model_mesh,
                                   place, place_keeping, to_host)
-from ufmjax.kernel.grid import MULTI_PREFIXES, QUANTITIES, check_order, check_points
+from ufmjax.kernel.grid import MULTI_PREFIXES, check_order, check_points
 from ufmjax.kernel.measure import Measure, Reference, make_measure, reference_of
 from ufmjax.kernel.taylor import count_trace, select
 from ufmjax.steering import Steered
@@ -166,12 +166,7 @@ class MultiEvaluator:
         self.order = check_order(order)
         self.k = check_k(k)
         self.fn = steered.fn
-        if quantities is not None:
-            unknown = sorted(set(quantities) - set(QUANTITIES))
-            if unknown:
-                raise ValueError(f"quantities must be names of {sorted(QUANTITIES)}, got {unknown}")
-            quantities = tuple(quantities)
-        self.quantities = quantities
+        self.quantities = check_quantities(quantities)
         if jnp.dtype(measure.onehot_VxG.dtype) != self.dtype:
             raise ValueError(f"measure was built in {jnp.dtype(measure.onehot_VxG.dtype)}, not {self.dtype}")
         self.batched = check_batched(steered.params, batched)

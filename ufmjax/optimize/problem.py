@@ -98,6 +98,18 @@ def is_finite_number(x) -> bool:
         return False
 
 
+def check_contexts(contexts, M: int) -> np.ndarray:
+    """Evaluation rows (None: all M) as sorted distinct int64 indices, else ValueError naming contexts."""
+    contexts = np.arange(M) if contexts is None else np.asarray(contexts).reshape(-1)
+    if contexts.size == 0 or not np.issubdtype(contexts.dtype, np.integer):
+        raise ValueError("contexts must be a non-empty list of row indices")
+    if contexts.min() < 0 or contexts.max() >= M:
+        raise ValueError(f"contexts must be row indices in [0, {M}), got {contexts.tolist()}")
+    if np.unique(contexts).size != contexts.size:
+        raise ValueError(f"contexts holds repeated rows: {contexts.tolist()}")
+    return np.sort(contexts).astype(np.int64)
+
+
 # ----------------------------------------------------------------------------- per-row alphas
 
 @functools.lru_cache(maxsize=64)
@@ -152,16 +164,7 @@ class Problem:
         self.target = int(target)
         M, V = measure.num_rows, concept_of.size
         self.num_rows, self.vocab, self.num_concepts = M, V, G
-        if contexts is None:
-            contexts = np.arange(M)
-        contexts = np.asarray(contexts).reshape(-1)
-        if contexts.size == 0 or not np.issubdtype(contexts.dtype, np.integer):
-            raise ValueError("contexts must be a non-empty list of row indices")
-        if contexts.min() < 0 or contexts.max() >= M:
-            raise ValueError(f"contexts must be row indices in [0, {M}), got {contexts.tolist()}")
-        if np.unique(contexts).size != contexts.size:
-            raise ValueError(f"contexts holds repeated rows: {contexts.tolist()}")
-        self.contexts = np.sort(contexts).astype(np.int64)
+        self.contexts = check_contexts(contexts, M)
         w_all = np.full(M, 1.0 / M) if weights is None else np.asarray(weights, np.float64)
         w = w_all[self.contexts]
         if not w.sum() > 0:

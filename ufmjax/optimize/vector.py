@@ -63,7 +63,7 @@ from ufmjax.common import jsonable
 from ufmjax.kernel import (MULTI_PREFIXES, MultiEvaluator, check_dtype, check_points, make_measure, quantities,
                            scalar_view)
 from ufmjax.kernel.multi import check_k
-from ufmjax.optimize.problem import KERNEL_QUANTITIES, Objective, is_finite_number
+from ufmjax.optimize.problem import KERNEL_QUANTITIES, Objective, check_contexts, is_finite_number
 from ufmjax.optimize.solvers import DEFAULT_LR, FLAT, LADDER, METHODS
 from ufmjax.steering import Steered
 
@@ -136,16 +136,7 @@ class MultiProblem:
         self.num_rows, self.num_concepts = M, G
         self.concept_of = np.asarray(concept_of)
         self.targets = check_targets(targets, G)
-        if contexts is None:
-            contexts = np.arange(M)
-        contexts = np.asarray(contexts).reshape(-1)
-        if contexts.size == 0 or not np.issubdtype(contexts.dtype, np.integer):
-            raise ValueError("contexts must be a non-empty list of row indices")
-        if contexts.min() < 0 or contexts.max() >= M:
-            raise ValueError(f"contexts must be row indices in [0, {M}), got {contexts.tolist()}")
-        if np.unique(contexts).size != contexts.size:
-            raise ValueError(f"contexts holds repeated rows: {contexts.tolist()}")
-        self.contexts = np.sort(contexts).astype(np.int64)
+        self.contexts = check_contexts(contexts, M)
         w = (np.full(M, 1.0 / M) if weights is None else np.asarray(weights, np.float64))[self.contexts]
         if not w.sum() > 0:
             raise ValueError("the evaluation contexts all have weight 0")
