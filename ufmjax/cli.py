@@ -700,6 +700,9 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--layers", default=None,
                    help="--hf: comma-separated layers (default early, middle, last: max(1, L//4), ceil(L/2), L)")
+    p.add_argument("--vector", dest="vector_file", default=None, metavar="V.npy",
+                   help="--hf: steer this [D] vector at every layer instead of the --positive/--negative "
+                        "difference of means")
     _add_hf_args(p)
 
 
@@ -715,6 +718,8 @@ def _layers(text):
 def cmd_reproduce(args) -> int:
     if args.hf is None:
         _refuse_given(args, HF_ONLY + ("--layers",), "applies to reproduce --hf only")
+        if args.vector_file is not None:
+            raise ValueError("--vector applies to reproduce --hf only")
     else:
         return _reproduce_hf(args)
     args.out = args.out or "results/reproduce"
