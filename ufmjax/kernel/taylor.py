@@ -3,9 +3,9 @@
 Shape legend: C = alphas of one chunk, M = rows, V = vocabulary.
 
 "taylor" (any closure, e.g. a GPT): the point function for ONE alpha, vmapped over a chunk;
-forward mode (`jax.jvp`, nested for the second derivative) through the MODEL only, then the
-softmax quantities differentiated by hand from x, x', x'' (docs/theory.md, "How the kernel
-computes derivatives"). "jvp": the reference, nested `jax.jvp` through everything.
+forward mode (`jax.jvp`; for both derivatives one Taylor-series pass, `kernel.series`)
+through the MODEL only, then the softmax quantities differentiated by hand from x, x', x''
+(docs/theory.md, "How the kernel computes derivatives"). "jvp": the reference, nested `jax.jvp` through everything.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from ufmjax.kernel import measure as ms_mod
 from ufmjax.kernel.measure import Measure, Reference
+from ufmjax.kernel.series import series_jets
 
 # Incremented each time a kernel chunk is traced: tests use it to prove "no recompilation".
 TRACE_COUNT = 0
@@ -28,6 +29,15 @@ def count_trace() -> None:
 
 
 def closure_jets(fn, params, alpha, order: int):
+    """(x, dx/dalpha, d2x/dalpha2)[: order + 1] of the logits: one forward-mode pass for the
+    first derivative, one Taylor-series pass (`kernel.series`) for both: three streams
+    through the model where nested forward mode (`nested_jets`) pushes four."""
+    if order == 2:
+        return series_jets(fn, params, alpha, 2)
+    return nested_jets(fn, params, alpha, order)
+
+
+def nested_jets(fn, params, alpha, order: int):
     """(x, dx/dalpha, d2x/dalpha2)[: order + 1] of the logits, by nested forward mode."""
     one = jnp.ones_like(alpha)
     if order == 0:
