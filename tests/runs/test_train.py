@@ -1,5 +1,7 @@
 """The shared training loop on the UFM: the paper's reference optimum, resume, checkpoints."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +108,26 @@ def test_rerun_with_profiles_reuses_the_run(tmp_path):
     g2 = train_gpt_run(tmp_path / "g", "concept", data_config=cfg, gpt=small, train_config=tc, batch=8,
                        progress=False)
     assert g1 == g2
+
+
+def test_step_compiles_once_per_model_shape(tmp_path):
+    """A GPT trained, interrupted, resumed and trained again from scratch in one process (with
+    another checkpoint cadence): the step is traced once; another width traces it again."""
+    from ufmjax.models import gpt
+    from ufmjax.runs import train as train_mod
+
+    def model(width):
+        return gpt.init_gpt(gpt.GPTConfig(vocab=11, context=6, layers=1, width=width, heads=2), seed=0)
+
+    toks = (jnp.asarray(np.random.default_rng(0).integers(0, 11, (4, 6))), jnp.ones((4, 5), jnp.float32))
+    cfg = TrainConfig(steps=30, lr=1e-2, ckpt_every=10)
+    before = train_mod.STEP_TRACES
+    train(model(8), gpt.next_token_loss, cfg, batch_fn=lambda k: toks, run_dir=tmp_path / "a", progress=False,
+          stop_after=15)
+    r = train(model(8), gpt.next_token_loss, cfg, batch_fn=lambda k: toks, run_dir=tmp_path / "a", progress=False)
+    assert r.resumed_from == 10
+    train(model(8), gpt.next_token_loss, dataclasses.replace(cfg, ckpt_every=0), batch_fn=lambda k: toks,
+          progress=False)
+    assert train_mod.STEP_TRACES - before == 1
+    train(model(12), gpt.next_token_loss, cfg, batch_fn=lambda k: toks, progress=False)
+    assert train_mod.STEP_TRACES - before == 2

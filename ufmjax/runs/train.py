@@ -14,6 +14,7 @@ it is saved.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -40,6 +41,11 @@ DIVERGED_FACTOR = 1e3
 DIVERGED_LOSS = 1e4
 
 
+
+
+# Incremented each time a training step is traced: tests use it to prove that the step
+# compiles once per model shape, optimiser and loss (not again on resume or a second run).
+STEP_TRACES = 0
 
 
 def diverged(loss: float, first: float) -> bool:
@@ -93,6 +99,29 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled_step(graphdef, loss_fn, cfg: TrainConfig):
+    """(optimizer, jitted step) for one model structure, loss and optimiser configuration.
+
+    Cached at module level: a step defined inside `train` was a new function on every call,
+    so each resume (and each run of a sweep of runs in one process) compiled it again (3-4 s
+    on a small GPT). The non-trained state goes in as an argument, not a closure."""
+    tx = make_optimizer(cfg)
+
+    def loss_of(p, rest, batch):
+        return loss_fn(nnx.merge(graphdef, p, rest), batch)
+
+    @jax.jit
+    def step_fn(p, rest, s, batch):
+        global STEP_TRACES
+        STEP_TRACES += 1
+        loss, grads = jax.value_and_grad(loss_of)(p, rest, batch)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    return tx, step_fn
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -126,7 +155,8 @@ def train(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Array], cf
         is written from that point on.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = make_optimizer(cfg)
+    # eval_every and ckpt_every do not change an update: runs differing only there share a step.
+    tx, step_fn = _compiled_step(graphdef, loss_fn, dataclasses.replace(cfg, eval_every=0, ckpt_every=0))
     opt_state = tx.init(params)
     start, resumed_from = 0, None
     if run_dir is not None:
@@ -142,15 +172,6 @@ def train(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Array], cf
             start, tree = io.restore_checkpoint(run_dir, template, good[0])
             params, opt_state = tree["params"], tree["opt"]
             resumed_from = start
-
-    def loss_of(p, batch):
-        return loss_fn(nnx.merge(graphdef, p, rest), batch)
-
-    @jax.jit
-    def step_fn(p, s, batch):
-        loss, grads = jax.value_and_grad(loss_of)(p, batch)
-        updates, s = tx.update(grads, s, p)
-        return optax.apply_updates(p, updates), s, loss
 
     def checkpoint(step):
         if run_dir is not None:
@@ -181,7 +202,7 @@ def train(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Array], cf
         bar.update(start)
         for step in range(start, end):
             batch = None if batch_fn is None else batch_fn(step)
-            params, opt_state, loss = step_fn(params, opt_state, batch)
+            params, opt_state, loss = step_fn(params, rest, opt_state, batch)
             done = step + 1
             if step == start:
                 first = float(loss)  # the loss before this process's first update
