@@ -1,9 +1,6 @@
 """The k-term kernel (alpha in R^k) against the tilt's closed forms, central differences, the
 scalar kernel (k = 1) and itself (bootstrap batch == separate sweeps, chunked == unchunked)."""
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

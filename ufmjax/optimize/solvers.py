@@ -171,8 +171,14 @@ def _model_direction(pt: _Point, mu, rho):
     return d
 
 
-def _newton_inner(s: _Solver, pt: _Point, mu, rho, tol, max_iter, info):
-    """Damped Newton on the augmented Lagrangian from pt; returns (point, converged, message)."""
+def newton_inner(s: _Solver, pt: _Point, mu, rho, tol, max_iter, info, direction=None, record=None):
+    """Damped Newton on the augmented Lagrangian from pt; returns (point, converged, message).
+
+    Shared with the k-term optimiser (`optimize.vector`): `direction(pt, mu, rho)` is the model
+    step (default `_model_direction`, diagonal curvature of independent alphas) and
+    `record(x)` the path entry (default: alpha as the scalar optimiser reports it)."""
+    direction = direction or _model_direction
+    record = record or (lambda x: _as_alpha(x, s.per_context))
     for _ in range(max_iter):
         L, grad, H = s.lagrangian(pt, mu, rho)
         gnorm = float(np.max(np.abs(grad)))
@@ -180,7 +186,7 @@ def _newton_inner(s: _Solver, pt: _Point, mu, rho, tol, max_iter, info):
         # Relative to the size of the balanced terms (grad f = nu grad g at a constrained optimum).
         if gnorm <= tol * max(1.0, float(np.max(np.abs(pt.gf)))):
             return pt, True, ""
-        d = _model_direction(pt, mu, rho)
+        d = direction(pt, mu, rho)
         if not float(grad @ d) < 0:
             d = _newton_direction(H, grad)
         # Cap the step: where the landscape flattens (GPT plateaus) Newton would leap to infinity.
@@ -205,7 +211,7 @@ def _newton_inner(s: _Solver, pt: _Point, mu, rho, tol, max_iter, info):
         if accepted is None:
             return pt, False, f"line search failed at |grad| = {gnorm:.3g}"
         pt = accepted
-        s.path.append(_as_alpha(pt.x, s.per_context))
+        s.path.append(record(pt.x))
         if np.max(np.abs(pt.x)) >= s.alpha_max:
             return pt, False, (f"the objective still improves at |alpha| = {np.max(np.abs(pt.x)):.4g} >= alpha_max"
                                f" = {s.alpha_max:g}: the optimum is not attained (a plateau or an unbounded"
@@ -451,7 +457,7 @@ def _solve_al(s: _Solver, pt: _Point, method, tol, ftol, max_iter, max_outer, lr
         curv = max(float(np.max(np.abs(pt.hf))), 1e-6)
         slope2 = max(float(np.max(np.sum(pt.gg ** 2, axis=1))), 1e-12)
         rho = float(np.clip(1e3 * curv / slope2, min(10.0, rho_max), rho_max))
-    inner = (lambda p, m, r: _newton_inner(s, p, m, r, tol, max_iter, info)) if method == "newton" else \
+    inner = (lambda p, m, r: newton_inner(s, p, m, r, tol, max_iter, info)) if method == "newton" else \
         (lambda p, m, r: _optax_inner(s, p, m, r, tol, max_iter, info, method, lr))
     info.rho = rho
     if K == 0:

@@ -65,6 +65,7 @@ from ufmjax.kernel import (MULTI_PREFIXES, MultiEvaluator, check_dtype, check_po
 from ufmjax.kernel.multi import check_k
 from ufmjax.optimize.problem import KERNEL_QUANTITIES, Objective, check_contexts, is_finite_number
 from ufmjax.optimize.solvers import DEFAULT_LR, FLAT, LADDER, METHODS
+from ufmjax.optimize.solvers import newton_inner
 from ufmjax.steering import Steered
 
 SIGNS = (None, "auto", 1, -1)
@@ -329,46 +330,6 @@ def _model_direction(pt: _Point, mu, rho):
     return d
 
 
-def _newton_inner(s: _Solver, pt: _Point, mu, rho, tol, max_iter, info):
-    for _ in range(max_iter):
-        L, grad, H = s.lagrangian(pt, mu, rho)
-        gnorm = float(np.max(np.abs(grad)))
-        info.grad_norm = gnorm
-        if gnorm <= tol * max(1.0, float(np.max(np.abs(pt.gf)))):
-            return pt, True, ""
-        d = _model_direction(pt, mu, rho)
-        if not float(grad @ d) < 0:
-            d = _newton_direction(H, grad)
-        # Cap the step: where the landscape flattens Newton would leap to infinity.
-        cap = max(1.0, 0.5 * float(np.max(np.abs(pt.x))))
-        big = float(np.max(np.abs(d)))
-        if big > cap:
-            d *= cap / big
-        slope = float(grad @ d)
-        t, accepted = 1.0, None
-        for _ in range(30):
-            trial = s.point(pt.x + t * d)
-            L_t, grad_t, _ = s.lagrangian(trial, mu, rho)
-            if L_t <= L + 1e-4 * t * slope:
-                accepted = trial
-                break
-            # Near the optimum L changes below rounding: accept a step that shrinks the gradient.
-            if abs(L_t - L) <= 1e3 * s.eps * (1.0 + abs(L)) and np.max(np.abs(grad_t)) < gnorm:
-                accepted = trial
-                break
-            t *= 0.5
-        info.iterations += 1
-        if accepted is None:
-            return pt, False, f"line search failed at |grad| = {gnorm:.3g}"
-        pt = accepted
-        s.path.append(pt.x.tolist())
-        if np.max(np.abs(pt.x)) >= s.alpha_max:
-            return pt, False, (f"the objective still improves at |alpha| = {np.max(np.abs(pt.x)):.4g} >= alpha_max"
-                               f" = {s.alpha_max:g}: the optimum is not attained (a plateau or an unbounded"
-                               " objective); raise alpha_max or add a penalty")
-    return pt, False, f"no convergence in {max_iter} iterations (|grad| = {info.grad_norm:.3g} > tol = {tol:g})"
-
-
 @functools.lru_cache(maxsize=64)
 def _merit_fn(fn, kind: str, metric: str):
     """The augmented Lagrangian as a jax function of alpha [k] (reverse mode, optax)."""
@@ -493,7 +454,8 @@ def _solve(s: _Solver, pt: _Point, method, tol, ftol, max_iter, max_outer, lr, i
 
     def inner(p, m, r):
         if method == "newton":
-            return _newton_inner(s, p, m, r, tol, max_iter, info)
+            return newton_inner(s, p, m, r, tol, max_iter, info, direction=_model_direction,
+                                record=lambda x: x.tolist())
         return _optax_inner(s, p, m, r, tol, max_iter, info, method, lr)
 
     info.rho = rho

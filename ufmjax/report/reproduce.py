@@ -29,7 +29,7 @@ from ufmjax.kernel import sweep
 from ufmjax.models.gpt import steered_closure, steered_logits_full
 from ufmjax.optimize import Objective, bisect_budget, grid_search, optimize
 from ufmjax.report.figures import check_summary, ufm_figures
-from ufmjax.report.gpt_figures import fig_a4
+from ufmjax.report.gpt_figures import fig_a4, landscape
 from ufmjax.runs import io, load_gpt_run, load_run, scaled_sweep, text_run, train_gpt_run, train_ufm_run, versions
 from ufmjax.runs.folders import check_run_out, clear_run_dirs
 from ufmjax.runs.progress import Progress
@@ -328,7 +328,7 @@ def _gpt_sweep_laws(sec: Section, run, layer: int, target, name: str, quick: boo
 def gpt_concept_section(out: Path, quick: bool, progress: bool) -> Section:
     """A small GPT trained on the reference concept data, steered through the shared kernel."""
     sec = Section("GPT on concept data (Sec. 4)")
-    with Progress(3, sec.title, enabled=progress) as bar:
+    with Progress(4, sec.title, enabled=progress) as bar:
         bar.update(0, step="training the concept GPT")
         m = train_gpt_run(out / "runs" / "gpt_concept", "concept", data_config=reference_config(),
                           progress=progress)
@@ -343,6 +343,17 @@ def _gpt_concept_laws(sec: Section, out: Path, m: dict, quick: bool, bar: Progre
               m["gap"], "< 0.01", 0 <= m["gap"] + 1e-9 and m["gap"] < 0.01)
     run = load_gpt_run(out / "runs" / "gpt_concept")
     _gpt_sweep_laws(sec, run, run.model.config.layers, 0, "concept GPT", quick, bar)
+    bar.update(0, step="two vectors: 2-D landscape")
+    fig = out / "figures" / "gpt_landscape.png"
+    s = landscape(run, fig, targets=(0, 1), num=41 if quick else 61)
+    sec.figures.append(str(fig.relative_to(out)))
+    sec.check("concept GPT, two vectors (targets 0 and 1): Newton over alpha in R^2 reaches the optimum",
+              f"Newton's objective - the best of a {s['grid_points']}-point grid (dp - 0.1 ΔCE)",
+              s["objective_2d"] - s["grid_best"], ">= 0, converged", s["converged"] and s["objective_2d"] >= s["grid_best"] - 1e-9)
+    sec.notes.append(f"two vectors: 2-D optimum alpha = ({s['alpha_2d'][0]:.3g}, {s['alpha_2d'][1]:.3g}) in "
+                     f"{s['newton_steps']} Newton steps ({s['evaluations']} evaluations); each vector alone: "
+                     f"{s['alpha_1d'][0]:.3g}, {s['alpha_1d'][1]:.3g}")
+    bar.update(1)
 
 
 def gpt_text_section(out: Path, quick: bool, progress: bool) -> Section:
