@@ -1,11 +1,20 @@
 import dataclasses
+import os
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 
+from ufmjax.common import enable_compile_cache
 from ufmjax.data import DataConfig, dirichlet_config, reference_config
 from ufmjax.runs import load_run, train_ufm_run
+
+# The tests' compilations go to a persistent cache of their own (not the user's ~/.cache), one
+# per session and shared with the CLI's child processes: a program compiled by one test (or
+# child) is read back by the next that builds the same one.
+os.environ.setdefault("UFMJAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="ufmjax-tests-jax-cache-"))
+enable_compile_cache()
 
 
 @pytest.fixture

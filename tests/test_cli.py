@@ -52,6 +52,8 @@ def test_sweep_writes_documented_npz(cli_run, tmp_path, negatives):
     (["--target", "0", "--alphas", "5:1:3"], "alphas"),
     (["--target", "0", "--layer", "1"], "layer"),
     (["--target", "0", "--top-k", "20"], "top_k"),
+    (["--target", "0", "--top-k", "0"], "--top-k must be a positive integer"),
+    (["--target", "0", "--top-k", "most"], "--top-k must be a positive integer, 'all' or 'auto'"),
     (["--target", "0", "--positions", "last"], "--positions applies to GPT runs"),
     (["--target", "0", "--positions", "all"], "--positions applies to GPT runs"),  # once silently accepted
     (["--target", "uppercase"], "unknown target concept 'uppercase'"),

@@ -18,9 +18,11 @@ import numpy as np
 
 # Imported at once: numpy-only modules, so `--help` and the checks that come before any work
 # (the grid, the output's size and path, the run's config.json) answer without JAX.
+from ufmjax.common import enable_compile_cache
 from ufmjax.data import CORPORA
 from ufmjax.data.concept_tokens import CONCEPT_NAMES
-from ufmjax.kernel.grid import check_grid, check_points, output_bytes, parse_grid, parse_product_grid, tracked_count
+from ufmjax.kernel.grid import (check_grid, check_points, output_bytes, parse_grid, parse_product_grid, resolve_top_k,
+                                tracked_count)
 from ufmjax.runs import io, sweepfile
 from ufmjax.runs.terms import parse_terms
 from ufmjax.runs.folders import check_output
@@ -250,8 +252,10 @@ def _add_sweep(sub) -> None:
                         "separated (their product is swept; default -20:20:41 each)")
     p.add_argument("--alphas-file", default=None, metavar="A.npy",
                    help="the alpha points instead of --alphas: [A] increasing (one term) or [A, k] (k terms)")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="track only the k most likely tokens (mean over rows) at the end --top-k-at names")
+    p.add_argument("--top-k", default="auto", metavar="K|all|auto",
+                   help="track only the k most likely tokens (mean over rows) at the end --top-k-at names; "
+                        "all: every token; auto (default): every token of a vocabulary up to 1,024, else the "
+                        "top 256"),
     p.add_argument("--top-k-at", choices=["max", "min", "both"], default=None,
                    help="where --top-k takes its tokens: the grid's largest alpha (max, the target's direction; "
                         "default), its smallest (min), or both ends (the union: up to 2k tokens)")
@@ -312,7 +316,7 @@ def _hf_inputs(args):
     given = [k for k, default in RUN_ONLY.items() if getattr(args, k, default) != default]
     if given:
         raise ValueError(f"--{given[0].replace('_', '-')} applies to run folders, not to --hf models")
-    for name in ("top_k", "chunk_size"):
+    for name in ("chunk_size",):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -427,11 +431,27 @@ def _num_points(points) -> int:
     return points.size if hasattr(points, "size") and not isinstance(points, np.ndarray) else len(points)
 
 
+def _top_k(text):
+    """--top-k: an integer k >= 1, "all" (None: every token) or "auto" (kernel.grid.resolve_top_k)."""
+    if text in ("auto", None):
+        return "auto"
+    if text == "all":
+        return None
+    try:
+        k = int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"--top-k must be a positive integer, 'all' or 'auto', got {text!r}") from None
+    if k < 1:
+        raise ValueError(f"--top-k must be a positive integer, got {k}")
+    return k
+
+
 def cmd_sweep(args) -> int:
     # Everything the arguments alone decide is checked first, before JAX is imported: a
     # request that cannot run (a 1e8-alpha grid, an unwritable --out) is refused at once.
     terms = _resolve_terms(args)
     k = max(1, len(terms))
+    args.top_k = _top_k(args.top_k)
     _source(args)
     grid = _points(args, k)  # checked, not built: its output size is checked first
     num = _num_points(grid)
@@ -443,8 +463,9 @@ def cmd_sweep(args) -> int:
     if not args.float64 and _reach(grid) > f32_max:
         raise ValueError(f"--alphas {args.alphas!r} reaches beyond float32 ({f32_max:.3g}): every value there "
                          f"would be inf; sweep a narrower range or add --float64")
-    if args.top_k is None and args.top_k_at is not None:
-        raise ValueError("--top-k-at applies with --top-k (without it every token is tracked)")
+    if args.top_k == "auto" and args.top_k_at is not None:
+        raise ValueError("--top-k-at applies with --top-k K (by default every token of a small vocabulary is "
+                         "tracked, else the top 256 at the grid's largest alpha)")
     args.top_k_at = args.top_k_at or "max"
     _sweep_size_first(args, num, max_output, "float64" if args.float64 else "float32", k)
     # A scoped switch, not a global one: the CLI is also called in-process (tests, notebooks).
@@ -496,6 +517,7 @@ def _sweep_terms(args, terms, points, dtype, sink, *, top_k, top_k_at, chunk_siz
     run, ms = _steering_terms(args, terms, dtype)
     pts, arrays = several.multi_steering_sweep(ms, points, top_k=top_k, top_k_at=top_k_at, chunk_size=chunk_size,
                                                max_output=max_output, sink=sink, progress=progress)
+    top_k = resolve_top_k(top_k, int(np.asarray(arrays["probs_base"]).shape[-1]))
     meta = {**ms.meta, "dtype": str(jnp.dtype(dtype)), "derivatives": 2, "top_k": top_k, "top_k_at": top_k_at,
             "versions": runs.versions()}
     several.add_bands(arrays, meta, run, ms, pts, args.bootstrap, top_k=top_k, chunk_size=chunk_size,
@@ -764,7 +786,7 @@ def add_bench_args(p) -> None:
                       help="also the full 20,000 alphas x 32 contexts x 50,257 tokens memory run")
     p.add_argument("--sections", default=None,
                    help="comma-separated subset of: ufm_exp, ufm_numpy, gpt, optimize, scaling, memory, precision, "
-                        "hf_load, sweep_memory")
+                        "hf_load, sweep_memory, paper, train")
     p.add_argument("--quiet", action="store_true", help="no per-section progress lines")
 
 
@@ -833,6 +855,7 @@ def main(argv=None) -> int:
         _quiet_third_party()
     parser = build_parser()
     args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    enable_compile_cache()  # README, "Compilation cache": a second run of a shape compiles nothing
     try:
         return COMMANDS[args.command](args)
     except (ValueError, io.CheckpointError, OSError) as e:

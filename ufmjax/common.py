@@ -25,10 +25,13 @@ def cast_floats(tree, dtype):
 
     wide = jnp.dtype(dtype).itemsize > 2
 
+    target = jnp.dtype(dtype)
+
     def one(x):
-        x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating) or (wide and x.dtype.itemsize == 2):
-            return x
+        if not isinstance(x, jax.Array):
+            x = jnp.asarray(x)
+        if x.dtype == target or not jnp.issubdtype(x.dtype, jnp.floating) or (wide and x.dtype.itemsize == 2):
+            return x  # already right: no conversion traced or dispatched
         return x.astype(dtype)
 
     return jax.tree.map(one, tree)
@@ -50,6 +53,55 @@ def log_softmax64(logits_xV, axis: int = -1) -> np.ndarray:
     x = np.asarray(logits_xV, dtype=np.float64)
     x = x - x.max(axis=axis, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
+
+
+COMPILE_CACHE_ENV = "UFMJAX_COMPILE_CACHE"
+# Compilations shorter than this are not written to the persistent cache (they cost less than
+# reading an entry back); the kernels of a GPT or pretrained sweep take 1.4-6.6 s.
+CACHE_MIN_COMPILE_SECONDS = 0.2
+
+
+def compile_cache_dir(path=None) -> str | None:
+    """The persistent compilation cache's folder: `path`, else $UFMJAX_COMPILE_CACHE, else
+    JAX's own $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/ufmjax/jax (~/.cache/ufmjax/jax);
+    None when $UFMJAX_COMPILE_CACHE says off (or 0)."""
+    import os
+
+    setting = str(path) if path is not None else os.environ.get(COMPILE_CACHE_ENV, "")
+    if setting.strip().lower() in ("0", "off", "no", "false", "none"):
+        return None
+    setting = setting or os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
+    if setting:
+        return setting
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ufmjax", "jax")
+
+
+def enable_compile_cache(path=None) -> str | None:
+    """Turn on JAX's persistent compilation cache at `compile_cache_dir(path)`: a second
+    process compiling the same program (a second `ufmjax sweep` of the same shape) reads the
+    executable back instead of compiling it. Returns the folder, or None when turned off.
+    JAX keys every entry by the program, backend and versions, so a stale entry is never used;
+    a folder that cannot be written only costs the compilations (JAX warns and goes on).
+    Before JAX is imported this sets its environment variables (a JAX_... variable the user
+    set wins), so a command refused by its arguments still answers without importing JAX."""
+    import os
+    import sys
+
+    folder = compile_cache_dir(path)
+    if folder is None:
+        return None
+    settings = {"jax_compilation_cache_dir": folder,
+                "jax_persistent_cache_min_compile_time_secs": CACHE_MIN_COMPILE_SECONDS,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    for name, value in settings.items():
+        if name != "jax_compilation_cache_dir" and name.upper() in os.environ:  # the user's JAX setting wins
+            continue
+        if "jax" in sys.modules:
+            sys.modules["jax"].config.update(name, value)
+        else:
+            os.environ[name.upper()] = str(value)
+    return folder
 
 
 def jsonable(x):

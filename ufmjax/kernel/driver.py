@@ -17,6 +17,7 @@ computation; the same code runs on many GPUs, a TPU slice or several hosts under
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,8 +30,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ufmjax import steering
 from ufmjax.common import cast_floats
 from ufmjax.kernel import affine
-from ufmjax.kernel.grid import PREFIXES, QUANTITIES, Grid, check_alphas, check_order
-from ufmjax.kernel.measure import Measure, Reference, make_measure, reference_fn
+from ufmjax.kernel.grid import PREFIXES, QUANTITIES, Grid, check_alphas, check_order, resolve_top_k
+from ufmjax.kernel.measure import Measure, Reference, make_measure, output_shape, reference_fn, traced
 from ufmjax.kernel.taylor import jvp_chunk_fn, taylor_chunk_fn
 from ufmjax.steering import Steered
 
@@ -109,23 +110,40 @@ def default_chunk_size(num_rows: int, vocab: int, num_devices: int = 1, intermed
 
 
 def largest_intermediate(fn, params, dtype) -> int:
-    """Elements of the largest array `fn(params, alpha)` computes for one alpha."""
-    closed = jax.make_jaxpr(fn)(params, jnp.zeros((), dtype))
+    """Elements of the largest ALPHA-DEPENDENT array `fn(params, alpha)` computes for one alpha.
 
-    def walk(jaxpr) -> int:
-        best = 0
-        for eqn in jaxpr.eqns:
-            for v in eqn.outvars:
-                best = max(best, math.prod(getattr(v.aval, "shape", ())))
-            for p in eqn.params.values():
-                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                        best = max(best, walk(sub.jaxpr))
-                    elif isinstance(sub, jax.extend.core.Jaxpr):
-                        best = max(best, walk(sub))
-        return best
+    Only arrays that depend on alpha are per-alpha intermediates: under vmap over a chunk the
+    others (a transposed unembedding [V, D], a cached prefix's products) are computed once
+    and shared, so counting them shrank a 50,257-token model's chunk to one alpha.
+    """
+    def compute():
+        flat, tree = jax.tree_util.tree_flatten((params, jnp.zeros((), dtype)))
+        closed = jax.make_jaxpr(lambda *leaves: fn(*jax.tree_util.tree_unflatten(tree, leaves)))(*flat)
+        return _largest_moving(closed.jaxpr, [False] * (len(flat) - 1) + [True])
 
-    return walk(closed.jaxpr)
+    return traced("largest_intermediate", fn, params, dtype, compute)
+
+
+def _largest_moving(jaxpr, moving_in) -> int:
+    """Largest output of an equation with an alpha-dependent input, sub-programs included (a
+    call's inputs map one to one; a loop's or branch's are all taken as moving)."""
+    moving = {v for v, m in zip(jaxpr.invars, moving_in) if m}
+    best = 0
+    for eqn in jaxpr.eqns:
+        m_in = [not isinstance(v, jax.extend.core.Literal) and v in moving for v in eqn.invars]
+        if not any(m_in):
+            continue
+        for v in eqn.outvars:
+            moving.add(v)
+            best = max(best, math.prod(getattr(v.aval, "shape", ())))
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    sub = sub.jaxpr
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    inner = m_in if len(sub.invars) == len(m_in) else [True] * len(sub.invars)
+                    best = max(best, _largest_moving(sub, inner))
+    return best
 
 
 def place(tree, sharding):
@@ -261,6 +279,21 @@ class Evaluator:
 TOP_K_AT = ("max", "min", "both")
 
 
+def auto_tokens(steered: Steered, alphas, tokens, dtype):
+    """`tokens` as given, or for "auto" None (every token) up to ALL_TOKENS_UP_TO tokens and
+    the DEFAULT_TOP_K most likely at the grid's largest alpha beyond."""
+    if not (isinstance(tokens, str) and tokens == "auto"):
+        return tokens
+    k = resolve_top_k("auto", output_shape(steered, dtype)[1])
+    return None if k is None else top_tokens(steered, alphas, k, "max")
+
+
+@functools.lru_cache(maxsize=64)
+def _mean_probs_fn(fn):
+    """jit((params, alpha) -> mean over rows of softmax(fn(params, alpha)))."""
+    return jax.jit(lambda params, alpha: jax.nn.softmax(fn(params, alpha), axis=-1).mean(axis=0))
+
+
 def top_tokens(steered: Steered, alphas, k: int, at: str = "max") -> np.ndarray:
     """The k tokens of largest mean steered probability (over rows) at a named end of the grid (Fig. 6).
 
@@ -283,8 +316,7 @@ def top_tokens(steered: Steered, alphas, k: int, at: str = "max") -> np.ndarray:
     ends = {"max": [hi], "min": [lo], "both": [lo, hi]}[at]
     chosen = []
     for a in ends:
-        logits = steered.fn(steered.params, jnp.asarray(a, jnp.result_type(float)))
-        mean_p = np.asarray(jax.nn.softmax(logits, axis=-1).mean(axis=0))
+        mean_p = np.asarray(_mean_probs_fn(steered.fn)(steered.params, jnp.asarray(a, jnp.result_type(float))))
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= mean_p.size:
             raise ValueError(f"top_k must be an integer in [1, {mean_p.size}], got {k!r}")
         chosen.append(np.argsort(-mean_p, kind="stable")[:k])
@@ -401,7 +433,7 @@ def drive(evaluator: Evaluator, plan: SweepPlan, sink=None, progress=None):
     return sink
 
 
-def sweep(steered: Steered, alphas, *, concept_of=None, ce_target=None, weights=None, tokens=None,
+def sweep(steered: Steered, alphas, *, concept_of=None, ce_target=None, weights=None, tokens="auto",
           measure: Measure | None = None, derivatives: int = 2, chunk_size: int | None = None,
           dtype=jnp.float32, devices=None, method: str = "auto", sink=None, progress=None):
     """Sweep a steered model over an alpha grid.
@@ -411,7 +443,9 @@ def sweep(steered: Steered, alphas, *, concept_of=None, ce_target=None, weights=
       alphas: 1-D grid of steering strengths (any length, any order: each alpha is evaluated on
         its own; processed in chunks).
       concept_of, ce_target, weights, tokens: what is measured (see `make_measure`), or
-      measure: a Measure built already (then those four must be left out).
+      measure: a Measure built already (then those four must be left out). tokens "auto"
+        (default): every token of a vocabulary up to 1,024, else the 256 most likely at the
+        grid's largest alpha (`kernel.grid.resolve_top_k`); None: every token.
       derivatives: 0, 1 or 2: how many derivatives in alpha to return.
       chunk_size: alphas per compiled call; by default sized to the problem and a multiple of
         the device count. Results do not depend on it.
@@ -431,12 +465,13 @@ def sweep(steered: Steered, alphas, *, concept_of=None, ce_target=None, weights=
     if measure is None:
         if concept_of is None:
             raise ValueError("sweep needs concept_of (or a measure)")
+        tokens = auto_tokens(steered, alphas, tokens, dtype)
         measure = make_measure(steered, concept_of=concept_of, ce_target=ce_target, weights=weights,
                                tokens=tokens, dtype=dtype)
         # The weights as given (float64), not as rounded into the measure's dtype.
         weights64 = (np.full(measure.num_rows, 1.0 / measure.num_rows) if weights is None
                      else np.asarray(weights, np.float64))
-    elif any(x is not None for x in (concept_of, ce_target, weights, tokens)):
+    elif any(x is not None for x in (concept_of, ce_target, weights)) or not (tokens is None or tokens == "auto"):
         raise ValueError("give either measure or concept_of/ce_target/weights/tokens, not both")
     plan = plan_sweep(steered, alphas, measure, derivatives=derivatives, chunk_size=chunk_size, dtype=dtype,
                       devices=devices, method=method)

@@ -61,11 +61,40 @@ class Reference:
     ce_M: jax.Array
 
 
+# What tracing a closure tells (its output shape, its largest per-alpha array) depends on the
+# closure and its parameters' shapes and dtypes only: kept here, a repeated sweep of the same
+# model does not trace it again (on a small model tracing was most of a sweep's time).
+_TRACED: dict = {}
+_TRACED_MAX = 256
+
+
+def traced(kind: str, fn, params, dtype, compute):
+    """compute() once per (kind, fn, parameter shapes and dtypes, dtype)."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    key = (kind, fn, tree, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__))) for x in leaves),
+           str(jnp.dtype(dtype)))
+    if key not in _TRACED:
+        if len(_TRACED) >= _TRACED_MAX:
+            _TRACED.clear()
+        _TRACED[key] = compute()
+    return _TRACED[key]
+
+
 def output_shape(steered: Steered, dtype) -> tuple[int, ...]:
-    """The shape of `fn(params, alpha)`, by tracing only."""
-    params = cast_floats(steered.params, dtype)
-    out = jax.eval_shape(steered.fn, params, jax.ShapeDtypeStruct((), dtype))
-    return tuple(getattr(out, "shape", ()))
+    """The shape of `fn(params, alpha)`, by tracing only (once per closure and shapes)."""
+    def compute():
+        params = cast_floats(steered.params, dtype)
+        out = jax.eval_shape(steered.fn, params, jax.ShapeDtypeStruct((), dtype))
+        return tuple(getattr(out, "shape", ()))
+
+    return traced("output_shape", steered.fn, steered.params, dtype, compute)
+
+
+@functools.lru_cache(maxsize=64)
+def _probs_at_zero_fn(fn, dtype_name: str):
+    """jit(params -> softmax of fn(params, 0)): the model's own CE target, compiled, not run
+    op by op (eagerly it was a large share of a small model's sweep)."""
+    return jax.jit(lambda params: jax.nn.softmax(fn(params, jnp.zeros((), dtype_name)), axis=-1))
 
 
 def check_logits_shape(shape) -> tuple[int, int]:
@@ -106,8 +135,7 @@ def make_measure(steered: Steered, *, concept_of, ce_target=None, weights=None, 
         raise ValueError(f"weights must be {M} finite non-negative numbers")
     label_targets = False
     if ce_target is None:
-        params = cast_floats(steered.params, dtype)
-        targets = jax.nn.softmax(steered.fn(params, jnp.zeros((), dtype)), axis=-1)
+        targets = _probs_at_zero_fn(steered.fn, str(jnp.dtype(dtype)))(cast_floats(steered.params, dtype))
     else:
         targets = np.asarray(ce_target)
         label_targets = bool(np.issubdtype(targets.dtype, np.integer))

@@ -32,6 +32,7 @@ from ufmjax.analysis.gpt_probes import (
 from ufmjax.common import check_seed, log_softmax64
 from ufmjax.data import CLASSES, CORPORA, ConceptData, DataConfig, TextConfig, TextCorpus, concept_index, select_steering_sets
 from ufmjax.data.text import steering_prompts
+from ufmjax.kernel.grid import resolve_top_k
 from ufmjax.models.gpt import (
     GPT,
     GPTConfig,
@@ -430,6 +431,7 @@ def gpt_sweep(run: GPTRun, alphas, *, target, negatives: str = "contrastive", ne
     with_text = text_ce and run.corpus == "text"
     extra = probe_size(st, limits=limits, local_ufm=local_ufm, text_ce_derivatives=derivatives if with_text else None,
                        presence=PRESENCE_POINTS if presence else 0)
+    top_k = resolve_top_k(top_k, st.vocab)  # meta records what was tracked
     alphas, arrays = sweep_grid(st, alphas, top_k=top_k, top_k_at=top_k_at, derivatives=derivatives,
                                 chunk_size=chunk_size, max_output=max_output, extra=extra, sink=sink,
                                 progress=progress, desc="sweep gpt", bands=bootstrap is not None)

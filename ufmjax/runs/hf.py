@@ -22,7 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ufmjax.kernel.grid import tracked_count
+from ufmjax.kernel.grid import resolve_top_k, tracked_count
 from ufmjax.analysis.gpt_probes import sinh_grid
 from ufmjax.data.concept_tokens import (
     concept_files,
@@ -234,7 +234,7 @@ def text_windows(run: HFRun, text: str, windows: int = TEXT_WINDOWS, width: int 
     return np.stack([ids[s:s + width + 1] for s in starts])
 
 
-def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_k_at: str = "max",
+def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | str | None = "auto", top_k_at: str = "max",
              derivatives: int = 2, chunk_size: int | None = None, ce_text: str | None = None,
              limits: bool = True, local_ufm: bool = True, max_output: int | None = None, sink=None,
              progress: bool = False, bootstrap: int | None = None,
@@ -243,7 +243,8 @@ def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_
 
     alphas: an increasing grid or a `kernel.Grid`.
     top_k: track only the k most likely tokens (mean over prompts) at the grid's largest
-      alpha (`top_k_at="max"`), its smallest (`"min"`) or both ends (`"both"`: up to 2k).
+      alpha (`top_k_at="max"`), its smallest (`"min"`) or both ends (`"both"`: up to 2k);
+      None: every token; "auto" (default): every token up to 1,024, else the top 256.
     ce_text: held-out text; its windows are steered at every position and their next-token
       CE gives `text_delta_ce` (with `d_`/`d2_`), `text_kl`, `text_concept_prob`.
     limits / local_ufm: the Prop. 4.1 distance and the local UFM, as for a GPT run.
@@ -263,6 +264,7 @@ def hf_sweep(run: HFRun, st: Steering, alphas, *, top_k: int | None = None, top_
     chunk = hf_chunk_size(run.spec, M, T) if chunk_size is None else chunk_size
     win = text_windows(run, ce_text) if ce_text is not None else None  # refused before any sweep
     strs = run.token_strs()
+    top_k = resolve_top_k(top_k, st.vocab)
     K = tracked_count(len(strs), top_k, top_k_at)
     fixed = 4 * K * max(map(len, strs), default=1) + (0 if win is None else win.nbytes)  # token_strs, windows
     extra = probe_size(st, limits=limits, local_ufm=local_ufm,

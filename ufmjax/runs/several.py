@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ufmjax.kernel import check_points, multi_output_bytes, multi_sweep, multi_top_tokens
-from ufmjax.kernel.grid import ProductGrid, tracked_count
+from ufmjax.kernel.grid import ProductGrid, resolve_top_k, tracked_count
 from ufmjax.kernel.measure import output_shape
 from ufmjax.kernel.multi import scalar_view
 from ufmjax.models import gpt as gpt_model
@@ -295,6 +295,7 @@ def multi_steering_sweep(ms: MultiSteering, points, *, top_k=None, top_k_at: str
     check_output_size(size.total(num), max_output, num)
     shape = list(points.shape) if isinstance(points, ProductGrid) else [num]
     points = check_points(points.values() if isinstance(points, ProductGrid) else points, ms.k)
+    top_k = resolve_top_k(top_k, output_shape(ms.view(), ms.dtype)[1])
     tokens = None if top_k is None else multi_top_tokens(ms.steered, points, top_k, k=ms.k, at=top_k_at)
     with Progress(len(points), f"sweep {ms.k} terms", enabled=progress) as bar:
         arrays = ms.sweep(points, tokens=tokens, derivatives=derivatives, chunk_size=chunk_size, sink=sink,
@@ -498,7 +499,8 @@ def add_bands(arrays, meta: dict, run, st, alphas, B: int | None, *, seed: int =
     The resamples track the main sweep's tokens, so every band lies beside its curve."""
     if B is None:
         return
-    tokens = np.asarray(arrays["tokens"]) if top_k is not None else None
+    # The main sweep's tracked tokens (every token, when it tracked all: the same thing).
+    tokens = np.asarray(arrays["tokens"])
     # B vectors per alpha: a chunk of 1/B the alphas holds as much as the main sweep's.
     chunk = None if chunk_size is None else max(1, int(chunk_size) // int(B))
     bootstrap_bands(run, st, alphas, B, seed=seed, tokens=tokens, derivatives=derivatives, chunk_size=chunk,

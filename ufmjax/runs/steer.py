@@ -16,7 +16,7 @@ import numpy as np
 
 from ufmjax.analysis.gpt_probes import LOCAL_UFM_KL, grid_extras, refine_validity_range
 from ufmjax.kernel import Measure, grid_size, grid_values, make_measure, output_bytes, sweep, top_tokens
-from ufmjax.kernel.grid import tracked_count
+from ufmjax.kernel.grid import resolve_top_k, tracked_count
 from ufmjax.kernel.measure import output_shape
 from ufmjax.optimize import Problem
 from ufmjax.runs.progress import Progress
@@ -84,6 +84,11 @@ class Steering:
         out.update(P=np.asarray(self.P), N=np.asarray(self.N), steering_vector=np.asarray(self.vector))
         return out
 
+    @property
+    def vocab(self) -> int:
+        """The model's vocabulary (the closure's output width)."""
+        return output_shape(self.steered, self.dtype)[1]
+
     def output_size(self, *, top_k: int | None = None, top_k_at: str = "max", derivatives: int = 2) -> OutputSize:
         """The bytes of a sweep file of these rows (kernel arrays, P, N, vector, `arrays`), uncompressed."""
         rows, vocab = output_shape(self.steered, self.dtype)
@@ -109,7 +114,8 @@ def sweep_grid(st: Steering, alphas, *, top_k: int | None = None, top_k_at: str 
       st: the steering.
       alphas: an increasing grid, or a `kernel.Grid` (built only once its output is accepted).
       top_k, top_k_at: track only the k most likely tokens at the grid's "max" end, its "min"
-        end, or "both" (`kernel.top_tokens`); all tokens when top_k is None.
+        end, or "both" (`kernel.top_tokens`); all tokens when top_k is None; "auto" as
+        `kernel.grid.resolve_top_k` (every token up to 1,024, else the top 256).
       derivatives, chunk_size: as for the kernel.
       max_output: most bytes the sweep's arrays may take (uncompressed), checked before the
         grid is built; None for no limit (the Python API's default: a caller that wants every
@@ -133,6 +139,7 @@ def sweep_grid(st: Steering, alphas, *, top_k: int | None = None, top_k_at: str 
         size = OutputSize(size.per_alpha + extra.per_alpha, size.fixed + extra.fixed)
     check_output_size(size.total(num), max_output, num)
     alphas = grid_values(alphas)
+    top_k = resolve_top_k(top_k, st.vocab)
     tokens = None if top_k is None else st.top_tokens(alphas, top_k, top_k_at)
     with Progress(alphas.size, desc, enabled=progress) as bar:
         arrays = st.sweep(alphas, tokens=tokens, derivatives=derivatives, chunk_size=chunk_size, sink=sink,

@@ -11,6 +11,7 @@ from flax import nnx
 
 from ufmjax.common import check_seed, log_softmax64
 from ufmjax.data import ConceptData, DataConfig, select_steering_sets
+from ufmjax.kernel.grid import resolve_top_k
 from ufmjax.models.ufm import UFM, UFMConfig, ufm_loss, ufm_steered, ufm_steering_vector
 from ufmjax.runs import io
 from ufmjax.runs.folders import check_finished, open_run, run_lock, versions
@@ -160,6 +161,7 @@ def ufm_sweep(run: UFMRun, alphas, *, target: int, negatives: str = "contrastive
     st = run.steer(target, negatives, negative_concept=negative_concept, q=q, seed=seed, ce_against=ce_against,
                    layer=layer, positions=positions, dtype=dtype)
     st = normalized(run, file_vector(st, vector), normalize)
+    top_k = resolve_top_k(top_k, st.vocab)  # meta records what was tracked
     alphas, arrays = sweep_grid(st, alphas, top_k=top_k, top_k_at=top_k_at, derivatives=derivatives,
                                 chunk_size=chunk_size, max_output=max_output, sink=sink, progress=progress,
                                 desc="sweep ufm", bands=bootstrap is not None)
