@@ -24,6 +24,11 @@ Sections (each a function returning a `Section`):
   hf_load     peak host memory of loading a pretrained checkpoint, against its size.
   sweep_memory  `ufmjax sweep` on a UFM run as a child process: peak resident memory at 100x
               more alphas (results stream to disk), and how fast a 1e8-alpha grid is refused.
+  train       `runs.train.train` twice on one model shape: the second call (a resume, or the
+              next run of a sweep of runs) compiles nothing; time per step.
+  paper       against the paper's method in PyTorch (benchmarks/paper.py) on one generated
+              GPT-2 checkpoint loaded by both: values and values + derivatives, every position
+              and the last position steered, each with its share of the machine's matmul rate.
 
 `run_bench(mode)` runs them and writes `bench.md` and `bench.json` atomically. This file lives
 outside the installed package: `ufmjax bench` (from a source checkout) loads it, and
@@ -48,7 +53,7 @@ import numpy as np
 
 MODES = ("quick", "default", "full")
 SECTIONS = ("ufm_exp", "ufm_numpy", "gpt", "optimize", "scaling", "memory", "precision", "hf_load",
-            "sweep_memory")
+            "sweep_memory", "paper", "train")
 GIB = float(1 << 30)
 
 # Problem sizes per mode. Default and full only differ in the memory section.
@@ -63,6 +68,8 @@ SIZES = {
         memory=dict(A=2_000, M=8, V=2_048, shared=True),
         hf_load=dict(mb=64),
         sweep_memory=dict(small=1_000, big=100_000, shared=True, no_compress=True, steps=20),
+        paper=dict(layers=2, width=48, heads=2, vocab=1_024, context=16, prompts=2, A=8, layer=1, top_k=16),
+        train=dict(layers=1, width=16, heads=2, vocab=32, context=16, batch=8, steps=10),
     ),
     "default": dict(
         rounds=3,
@@ -74,6 +81,8 @@ SIZES = {
         memory=dict(A=20_000, M=32, V=5_000),
         hf_load=dict(mb=512),
         sweep_memory=dict(small=10_000, big=1_000_000, steps=2000),
+        paper=dict(layers=6, width=384, heads=6, vocab=50_257, context=64, prompts=4, A=64, layer=3, top_k=64),
+        train=dict(layers=2, width=64, heads=4, vocab=96, context=64, batch=32, steps=300),
     ),
 }
 SIZES["full"] = {**SIZES["default"], "memory": dict(A=20_000, M=32, V=50_257)}
@@ -89,6 +98,12 @@ TARGET_MEM_GIB = 4.0     # peak resident memory of the full memory run
 TARGET_LOAD = 1.3        # loading a pretrained checkpoint: peak host memory over baseline / its size
 TARGET_SWEEP_MEM = 1.2   # `ufmjax sweep`: peak memory at 1e6 alphas within 1.2x that at 1e4 (issue 12)
 TARGET_REFUSE_S = 1.0    # a 1e8-alpha grid refused in under a second, run loading included (issue 12)
+# Against the paper's method in PyTorch on the same weights (section paper, issue 13).
+TARGET_PAPER_LAST = 25.0   # last position: values and values + derivatives >= 25x faster
+TARGET_PAPER_ALL = 3.0     # all positions: values + derivatives >= 3x faster than central differences
+TARGET_SHARE_LAST = 0.40   # share of the machine's float32 matmul rate, last position
+TARGET_SHARE_ALL = 0.55    # ... all positions
+TARGET_SERIES = 3.2        # values + both derivatives <= 3.2x values (three streams of products)
 # float32 against float64 (README): probabilities and concept curves to 1e-5 absolute, every
 # other curve and every derivative to 1e-4 of the curve's own scale.
 TOL_F32_ABS = 1e-5
@@ -803,11 +818,134 @@ def section_sweep_memory(sz: dict, rounds: int) -> Section:
     return s
 
 
+def section_train(sz: dict, rounds: int) -> Section:
+    """Two trainings of one GPT shape in one process: the step compiles once (issue 13)."""
+    from ufmjax.models import gpt
+    from ufmjax.runs import train as train_mod
+
+    s = Section("train", "Training: the step compiles once per model shape")
+    cfg = gpt.GPTConfig(vocab=sz["vocab"], context=sz["context"], layers=sz["layers"], width=sz["width"],
+                        heads=sz["heads"])
+    rng = np.random.default_rng(0)
+    batch = (rng.integers(0, sz["vocab"], (sz["batch"], sz["context"])),
+             np.ones((sz["batch"], sz["context"] - 1), np.float32))
+    tc = train_mod.TrainConfig(steps=sz["steps"], lr=1e-3)
+    times, traces = [], []
+    for seed in (11, 12):  # a fresh model each time, as a new run (or a resume) builds one
+        before = train_mod.STEP_TRACES
+        t0 = time.perf_counter()
+        train_mod.train(gpt.init_gpt(cfg, seed), gpt.next_token_loss, tc, batch_fn=lambda k: batch, progress=False)
+        times.append(time.perf_counter() - t0)
+        traces.append(train_mod.STEP_TRACES - before)
+    s.rows.append(Row("step traces (compilations) in the second train() of the same shape", traces[1], "",
+                      "= 0", traces[1] == 0, note=f"first call: {traces[0]}"))
+    s.rows.append(Row("second train() / first (the first compiles)", times[1] / times[0], "x",
+                      note=f"first {times[0]:.2f} s, second {times[1]:.2f} s for {sz['steps']} steps"))
+    s.rows.append(Row("time per step (second call)", 1e3 * times[1] / sz["steps"], "ms",
+                      note=f"GPT L={cfg.layers}, D={cfg.width}, T={cfg.context}, batch {sz['batch']}"))
+    return s
+
+
+def section_paper(sz: dict, rounds: int) -> Section:
+    """ufmjax against the paper's method (PyTorch, benchmarks/paper.py) on one generated GPT-2
+    checkpoint, loaded by both; times per (alpha x prompt), shares of the measured matmul rate."""
+    import importlib.util
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+
+    from ufmjax.kernel import closure_jets, sweep
+    from ufmjax.models.hf import load_decoder, steered_closure
+
+    spec = importlib.util.spec_from_file_location("ufmjax_paper_bench", Path(__file__).with_name("paper.py"))
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    L, D, V, T, B, A, layer = (sz[k] for k in ("layers", "width", "vocab", "context", "prompts", "A", "layer"))
+    s = Section("paper", f"Against the paper's method (PyTorch): GPT-2 family, {L} layers, width {D}, "
+                         f"vocabulary {V:,}, {T}-token prompts, layer {layer}")
+    rate = paper.matmul_rate(rounds=max(3, rounds))
+    s.rows.append(Row(f"float32 matrix-product rate of this machine (jax on {jax.default_backend()})", rate,
+                      "GFLOP/s"))
+    missing = paper.available()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = paper.write_gpt2(Path(tmp) / "gpt2", layers=L, width=D, heads=sz["heads"], vocab=V, context=T)
+        model = load_decoder(folder, "float32")
+        torch_paper = None if missing else paper.TorchPaper(folder)
+        rng = np.random.default_rng(0)
+        prompts = rng.integers(0, V, (B, T))
+        v = rng.normal(size=D).astype(np.float32)
+        alphas = np.linspace(-4.0, 4.0, A).astype(np.float32)
+        concept_of = np.arange(V) % 3
+        per = 1e3 / (A * B)  # seconds per sweep -> ms per (alpha x prompt)
+        for positions in ("all", "last"):
+            where = "all positions" if positions == "all" else "last position"
+            st = steered_closure(model, list(prompts), v, layer, positions)
+            at = jnp.asarray(alphas)
+            # The tracked tokens, bounded: the top-k at the grid's largest alpha.
+            top = np.argsort(-np.asarray(jax.nn.softmax(st.fn(st.params, at[-1]))).mean(0))[:sz["top_k"]]
+
+            def ours(d, st=st, top=top):
+                return sweep(st, alphas, concept_of=concept_of, tokens=top, derivatives=d)
+
+            fns = {"values": lambda: ours(0), "derivatives": lambda: ours(2)}
+            if torch_paper is not None:
+                fns["paper values"] = lambda: torch_paper.logits(prompts, v, layer, alphas, positions)
+                fns["paper central differences"] = lambda: torch_paper.central_differences(
+                    prompts, v, layer, alphas, positions)
+                y = np.asarray(jax.jit(jax.vmap(st.fn, in_axes=(None, 0)))(st.params, at[::max(1, A // 4)]))
+                yt = torch_paper.logits(prompts, v, layer, alphas[::max(1, A // 4)], positions)
+                s.notes.append(f"{where}: ufmjax and transformers' logits on the same checkpoint "
+                               f"differ by at most {float(np.abs(y - yt).max()):.1e} (|logits| up to "
+                               f"{float(np.abs(yt).max()):.2g})")
+            t = interleaved(fns, rounds)
+            f0 = _flops(jax.vmap(lambda a: st.fn(st.params, a)), at)
+            f2 = _flops(jax.vmap(lambda a: closure_jets(st.fn, st.params, a, 2)), at)
+            share = f0 / t["values"] / (rate * 1e9)
+            share2 = f2 / t["derivatives"] / (rate * 1e9)
+            tgt_share = TARGET_SHARE_ALL if positions == "all" else TARGET_SHARE_LAST
+            s.rows.append(Row(f"{where}, values: ufmjax time per (alpha x prompt)", t["values"] * per,
+                              "ms", note=f"{f0 / 1e9 / A / B:.3g} GFLOP each (XLA's count of the model part)"))
+            s.rows.append(Row(f"{where}, values: share of the matmul rate", 100 * share, "%",
+                              f">= {tgt_share:.0%}", _at_least(share, tgt_share)))
+            s.rows.append(Row(f"{where}, values + 1st + 2nd: ufmjax time per (alpha x prompt)",
+                              t["derivatives"] * per, "ms", note=f"share of the matmul rate {share2:.0%} of "
+                                                                  f"{f2 / f0:.2f}x the values' flops"))
+            s.rows.append(Row(f"{where}: ufmjax values + 1st + 2nd / values", t["derivatives"] / t["values"],
+                              "x", f"<= {TARGET_SERIES}", _at_most(t["derivatives"] / t["values"], TARGET_SERIES),
+                              note=f"arithmetic (XLA flop count) {f2 / f0:.2f}x"))
+            if torch_paper is None:
+                continue
+            vs, cd = t["paper values"] / t["values"], t["paper central differences"] / t["derivatives"]
+            s.rows.append(Row(f"{where}, values: paper's method time per (alpha x prompt)",
+                              t["paper values"] * per, "ms"))
+            s.rows.append(Row(f"{where}, values: paper's method / ufmjax", vs, "x",
+                              f">= {TARGET_PAPER_LAST:g}" if positions == "last" else "",
+                              _at_least(vs, TARGET_PAPER_LAST) if positions == "last" else None))
+            s.rows.append(Row(f"{where}, values + derivatives: paper's central differences (3 passes) "
+                              f"/ ufmjax", cd, "x",
+                              f">= {TARGET_PAPER_LAST if positions == 'last' else TARGET_PAPER_ALL:g}",
+                              _at_least(cd, TARGET_PAPER_LAST if positions == "last" else TARGET_PAPER_ALL),
+                              note=f"paper's method {t['paper central differences'] * per:.3g} ms per (alpha x prompt)"))
+    s.notes.append(f"{B} prompts x {A} alphas; ufmjax: `kernel.sweep` of the prefix-cached closure (every quantity, "
+                   f"the top {sz['top_k']} tokens tracked), float32; the paper's method: transformers' "
+                   "GPT2LMHeadModel, a forward pre-hook adding alpha * v at the block's input, all alphas in one "
+                   "batch, one full pass per alpha, only the last position's logits, central differences "
+                   "with h = 1e-2 for the derivatives" + (f" ({torch_paper.version})" if torch_paper else ""))
+    s.notes.append("share of the matmul rate: XLA's flop count of the model part (the closure over the grid) "
+                   "divided by the kernel's whole time and by the measured rate above")
+    if missing:
+        s.notes.append(f"the paper's method was skipped: PyTorch/transformers do not import ({missing}); "
+                       "`pip install torch==2.13.0 transformers` to compare")
+    return s
+
+
 SECTION_FNS = {"ufm_exp": ("ufm", section_ufm_exp), "ufm_numpy": ("ufm", section_ufm_numpy),
                "gpt": ("gpt", section_gpt), "optimize": ("optimize", section_optimize),
                "scaling": ("scaling", section_scaling), "memory": ("memory", section_memory),
                "precision": ("ufm", section_precision), "hf_load": ("hf_load", section_hf_load),
-               "sweep_memory": ("sweep_memory", section_sweep_memory)}
+               "sweep_memory": ("sweep_memory", section_sweep_memory), "paper": ("paper", section_paper),
+               "train": ("train", section_train)}
 
 
 # ---------------------------------------------------------------- the report

@@ -217,3 +217,39 @@ def test_bench_rejects_unknown_sections(tmp_path):
     assert main(["bench", "--quick", "--sections", "nope", "--out", str(tmp_path)]) == 2
     with pytest.raises(ValueError, match="mode"):
         bench.run_bench("slow", tmp_path)
+
+
+def test_paper_baseline_is_the_same_model():
+    """benchmarks/paper.py: the generated GPT-2 checkpoint gives the same steered logits in
+    ufmjax and in transformers (the paper's hook, alpha in the batch), at every position steered
+    and at the last one; its central differences approach ufmjax's exact derivatives."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    import jax
+
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from ufmjax.kernel.series import series_jets
+    from ufmjax.models.hf import load_decoder, steered_closure
+
+    spec = importlib.util.spec_from_file_location("paper_bench", Path(bench.__file__).with_name("paper.py"))
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = paper.write_gpt2(Path(tmp) / "g", layers=3, width=32, heads=4, vocab=300, context=12)
+        model = load_decoder(folder, "float32")
+        torch_paper = paper.TorchPaper(folder)
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, 300, (2, 12))
+    v = rng.normal(size=32).astype(np.float32) * 0.05  # alpha |v| comparable to |h|: smooth at h = 1e-2
+    alphas = np.asarray([-2.0, 0.0, 1.5], np.float32)
+    for layer in (1, 3):
+        for positions in ("all", "last"):
+            st = steered_closure(model, list(toks), v, layer, positions)
+            jets = jax.jit(jax.vmap(lambda a: series_jets(st.fn, st.params, a, 2)))(jnp.asarray(alphas))
+            y, d1, d2 = torch_paper.central_differences(toks, v, layer, alphas, positions, h=1e-2)
+            np.testing.assert_allclose(np.asarray(jets[0]), y, atol=2e-5 * np.abs(y).max())
+            np.testing.assert_allclose(np.asarray(jets[1]), d1, atol=1e-3 * np.abs(d1).max())  # measured 1.5e-4
+            np.testing.assert_allclose(np.asarray(jets[2]), d2, atol=2e-2 * np.abs(d2).max())  # measured 4e-3
