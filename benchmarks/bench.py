@@ -422,12 +422,12 @@ def section_gpt(sz: dict, rounds: int) -> Section:
     s.notes.append(f"GPT L={L}, D={cfg.width}, H={cfg.heads}, T={T}, V={V}; {B} prompts x {A} alphas. Ideal speed-up: "
                    f"L/(L-l) with every position steered (rows = every position), T*L/(L-l) with the last "
                    f"position only (one position through L-l blocks instead of T through L).")
-    s.notes.append("Derivatives go through the model by forward mode (jax.jvp, nested for the second): every "
-                   "matrix product is repeated for each stream (x, x', x'' and, in jvp-of-jvp, a second x'), and "
-                   "products of two alpha-dependent factors (attention) gain cross terms, so the arithmetic "
-                   "(XLA's flop count, in the notes) is ~2x for the first derivative and ~4x for both; "
-                   "jax.experimental.jet needs more (it materialises zero series for the weights). The softmax "
-                   "part costs next to nothing (closed form).")
+    s.notes.append("Derivatives go through the model by forward mode for the first and one Taylor-series pass "
+                   "(ufmjax.kernel.series) for both: every matrix product with a weight runs once per stream (x, "
+                   "x', x''), and only products of two alpha-dependent factors (attention) gain cross terms, so "
+                   "the arithmetic (XLA's flop count, in the notes) is ~2x for the first derivative and ~3x for "
+                   "both (nested jvp, with its second copy of x', took ~4x; jax.experimental.jet ~5x: it "
+                   "materialises zero series for the weights). The softmax part is in closed form.")
     return s
 
 

@@ -13,8 +13,9 @@ happens inside the compiled call. Three paths, equal to rounding:
 
 - "affine" (`ufmjax.kernel.affine`; closures declared with `steering.register_affine`, the
   UFM): closed forms from one matrix product of moments, no autodiff;
-- "taylor" (`ufmjax.kernel.taylor`; any closure, e.g. a GPT): forward mode through the model
-  only, the softmax part in closed form;
+- "taylor" (`ufmjax.kernel.taylor`; any closure, e.g. a GPT): through the model only (forward
+  mode for the first derivative, one Taylor-series pass, `ufmjax.kernel.series`, for both), the
+  softmax part in closed form;
 - "jvp": the reference, nested `jax.jvp` through everything.
 
 Several steering terms (`ufmjax.kernel.multi`): alpha is a vector in R^k, every quantity
@@ -23,7 +24,7 @@ any [A, k] points; bootstrap resamples of the steering vectors are a batch axis 
 compiled pass.
 
 Modules: `grid` (alpha grids, argument checks and output sizes, numpy only), `measure`
-(Measure, Reference, quantities at one alpha), `taylor`, `affine`, `multi`, `driver` (Evaluator, plan /
+(Measure, Reference, quantities at one alpha), `series`, `taylor`, `affine`, `multi`, `driver` (Evaluator, plan /
 drive of a sweep, chunk sizes, placement on devices). Names are loaded on first use, so
 `ufmjax.kernel.grid` (and the CLI's checks before any work) imports no JAX.
 """
@@ -40,13 +41,15 @@ _EXPORTS = {
                     "driver"),
     **dict.fromkeys(("PREFIXES", "QUANTITIES", "Grid", "check_alphas", "check_grid", "grid_size", "grid_values",
                      "output_bytes", "parse_alphas", "parse_grid", "MULTI_PREFIXES", "ProductGrid", "check_points",
-                     "multi_output_bytes", "parse_product_grid"), "grid"),
+                     "multi_output_bytes", "parse_product_grid", "resolve_top_k"), "grid"),
     **dict.fromkeys(("MultiEvaluator", "multi_sweep", "multi_top_tokens", "scalar_view"), "multi"),
     **dict.fromkeys(("Measure", "Reference", "make_measure", "quantities", "reference_fn", "reference_of"),
                     "measure"),
     "closure_jets": "taylor",
+    "nested_jets": "taylor",
+    "series_jets": "series",
 }
-_SUBMODULES = ("affine", "driver", "grid", "measure", "multi", "taylor")
+_SUBMODULES = ("affine", "driver", "grid", "measure", "multi", "series", "taylor")
 __all__ = sorted([*_EXPORTS, "trace_count"])
 
 
