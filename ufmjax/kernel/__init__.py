@@ -19,7 +19,7 @@ happens inside the compiled call. Three paths, equal to rounding:
 - "jvp": the reference, nested `jax.jvp` through everything.
 
 Several steering terms (`ufmjax.kernel.multi`): alpha is a vector in R^k, every quantity
-comes with its gradient [k] and Hessian [k, k] (forward mode along the k directions), over
+comes with its gradient [k] and Hessian [k, k] (one Taylor-series pass along the k directions), over
 any [A, k] points; bootstrap resamples of the steering vectors are a batch axis of the same
 compiled pass.
 

@@ -5,9 +5,10 @@ B = bootstrap resamples (a batch of steering vectors), M = rows, V = vocabulary.
 
 A k-term closure `fn(params, alpha_k) -> logits [M, V]` steers with h_l <- h_l + sum_i
 alpha_i v_i (docs/theory.md, "Several vectors"). The point function is written for ONE point
-alpha_k and vmapped over a chunk, as on the scalar path (`kernel.taylor`): forward mode through
-the model only, along the k coordinate directions (x, its Jacobian J [k, M, V] and Hessian
-H [k, k, M, V] in alpha), and the softmax quantities from them in closed form:
+alpha_k and vmapped over a chunk, as on the scalar path (`kernel.taylor`): one Taylor-series
+pass through the model only, along the k coordinate directions (`series.direction_jets`: x,
+its Jacobian J [k, M, V] and Hessian H [k, k, M, V] in alpha), and the softmax quantities from
+them in closed form:
 
     g_i = J_i - E[J_i]                  (log p)_i, so p_i = p g_i
     Cov_ij = E[g_i g_j]                 the exponential tilt's covariance
@@ -39,15 +40,25 @@ from ufmjax.kernel.driver import (check_devices, check_dtype, check_quantities, 
                                   place, place_keeping, to_host)
 from ufmjax.kernel.grid import MULTI_PREFIXES, check_order, check_points
 from ufmjax.kernel.measure import Measure, Reference, make_measure, reference_of
+from ufmjax.kernel.series import direction_jets
 from ufmjax.kernel.taylor import count_trace, select
 from ufmjax.steering import Steered
 
 
 def multi_jets(fn, params, alpha_k, order: int):
     """(x, J [k, M, V], H [k, k, M, V])[: order + 1]: the logits and their first two
-    derivatives in alpha_k, by forward mode along the k coordinate directions (the primal and
-    the Jacobian are computed once, not once per direction). H is symmetrised: the nested
-    forward passes d_s(d_t x) and d_t(d_s x) agree only to rounding."""
+    derivatives in alpha_k. Both derivatives come from one Taylor-series pass along the k
+    directions (`series.direction_jets`: 1 + k + k (k + 1) / 2 streams); the first alone from
+    forward mode along them (`nested_multi_jets`)."""
+    if order == 2:
+        return direction_jets(fn, params, alpha_k, 2)
+    return nested_multi_jets(fn, params, alpha_k, order)
+
+
+def nested_multi_jets(fn, params, alpha_k, order: int):
+    """multi_jets by nested forward mode along the k coordinate directions (the primal and
+    the Jacobian computed once, not once per direction), the reference of the series pass.
+    H is symmetrised: d_s(d_t x) and d_t(d_s x) agree only to rounding."""
     def f(a):
         return fn(params, a)
 

@@ -59,11 +59,24 @@ def _linear_in(eqn, moving) -> bool:
     return False
 
 
-def _eqn_series(eqn, args, series, order):
-    """Outputs and their stacked series [order, ...] of one equation with moving inputs.
+class Plan:
+    """What a series holds: k first-order rows (derivatives along k directions of alpha), then
+    one second-order row per pair (ii[p], jj[p]) of directions (none for first order only).
+    A scalar alpha to second order is k = 1 and the one pair (0, 0): rows (x', x'')."""
 
-    The series of a variable is ONE array whose leading axis holds (x', x''): every linear map
-    (above all a product with a constant weight) then runs once on both, as one larger product.
+    def __init__(self, k: int, pairs=()):
+        self.k = int(k)
+        self.ii = jnp.asarray([i for i, _ in pairs], jnp.int32)
+        self.jj = jnp.asarray([j for _, j in pairs], jnp.int32)
+        self.second = len(pairs) > 0
+
+
+def _eqn_series(eqn, args, series, plan: Plan):
+    """Outputs and their stacked series [k + pairs, ...] of one equation with moving inputs.
+
+    The series of a variable is ONE array whose leading axis holds its first-order rows, then
+    its second-order rows: every linear map (above all a product with a constant weight) runs
+    once on all of them, as one larger product. Second-order rows gain D^2 f[x'_i, x'_j].
     """
     moving = [s is not None for s in series]
     idx = [i for i, m in enumerate(moving) if m]
@@ -80,20 +93,29 @@ def _eqn_series(eqn, args, series, order):
     floating = [_floating(v.aval) for v in eqn.outvars]
     if not any(floating):  # a comparison, an argmax: integer or boolean outputs carry no series
         return outs, [None] * len(outs)
-    d = jax.vmap(lambda *c: jax.jvp(g, xs, c)[1])(*stacks)  # Df[x'] and Df[x'']
-    if order == 1 or _linear_in(eqn, moving):
+    d = jax.vmap(lambda *c: jax.jvp(g, xs, c)[1])(*stacks)  # Df on every row
+    if not plan.second or _linear_in(eqn, moving):
         return outs, [x if f else None for x, f in zip(d, floating)]
-    c1 = tuple(st[0] for st in stacks)
-    if eqn.primitive.name in BILINEAR:  # both factors move: D^2 f[x', x'] = 2 f(x'_a, x'_b)
-        dd = [2 * o for o in _bind(eqn, [c1[idx.index(i)] if m else a for i, (a, m) in enumerate(zip(args, moving))])]
+    a = tuple(st[plan.ii] for st in stacks)  # x'_i of each pair, per moving input
+    b = tuple(st[plan.jj] for st in stacks)
+    if eqn.primitive.name in BILINEAR:  # both factors move: D^2 f[a, b] = f(a_1, b_2) + f(b_1, a_2)
+        x1, x2 = idx
+
+        def cross(u, w):
+            full = list(args)
+            full[x1], full[x2] = u, w
+            return _bind(eqn, full)
+
+        dd = [p + q for p, q in zip(jax.vmap(cross)(a[0], b[1]), jax.vmap(cross)(b[0], a[1]))]
     else:
-        _, dd = jax.jvp(lambda *x: jax.jvp(g, x, c1)[1], xs, c1)
-    return outs, [jnp.concatenate([a[:1], a[1:] + b[None]]) if f else None for a, b, f in zip(d, dd, floating)]
+        dd = jax.vmap(lambda u, w: jax.jvp(lambda *x: jax.jvp(g, x, u)[1], xs, w)[1])(a, b)
+    k = plan.k
+    return outs, [jnp.concatenate([r[:k], r[k:] + e]) if f else None for r, e, f in zip(d, dd, floating)]
 
 
-def eval_series(jaxpr, consts, args, series, order: int = 2):
-    """Evaluate `jaxpr` on `args`; `series[i]` is the stacked [order, ...] (x', x'') of
-    args[i], or None where it does not depend on alpha (a constant)."""
+def eval_series(jaxpr, consts, args, series, plan: Plan):
+    """Evaluate `jaxpr` on `args`; `series[i]` is the stacked [rows, ...] series of args[i]
+    (`Plan`), or None where it does not depend on alpha (a constant)."""
     env, ser = {}, {}
 
     def read(v):
@@ -112,9 +134,9 @@ def eval_series(jaxpr, consts, args, series, order: int = 2):
             outs, out_ser = _bind(eqn, vals), [None] * len(eqn.outvars)
         elif eqn.primitive.name in CALLS:
             closed = eqn.params["jaxpr"]
-            outs, out_ser = eval_series(closed.jaxpr, closed.consts, vals, sers, order)
+            outs, out_ser = eval_series(closed.jaxpr, closed.consts, vals, sers, plan)
         else:
-            outs, out_ser = _eqn_series(eqn, vals, sers, order)
+            outs, out_ser = _eqn_series(eqn, vals, sers, plan)
         for v, o, s in zip(eqn.outvars, outs, out_ser):
             if isinstance(v, jex.DropVar):
                 continue
@@ -128,6 +150,17 @@ def eval_series(jaxpr, consts, args, series, order: int = 2):
     return outs, out_ser
 
 
+def _run(fn, params, alpha, start, plan: Plan):
+    """fn's output and its series, alpha's own series being `start` [rows, *alpha.shape]."""
+    flat, tree = jax.tree_util.tree_flatten((params, alpha))
+    closed = jax.make_jaxpr(lambda *leaves: fn(*jax.tree_util.tree_unflatten(tree, leaves)))(*flat)
+    series = [None] * (len(flat) - 1) + [start]
+    (out,), (s,) = eval_series(closed.jaxpr, closed.consts, flat, series, plan)
+    if s is None:  # the output does not depend on alpha
+        s = jnp.zeros((start.shape[0],) + jnp.shape(out), jnp.result_type(out))
+    return out, s
+
+
 def series_jets(fn, params, alpha, order: int = 2):
     """(x, dx/dalpha, d2x/dalpha2)[: order + 1] of fn(params, alpha) in one Taylor-series pass.
 
@@ -136,11 +169,25 @@ def series_jets(fn, params, alpha, order: int = 2):
     """
     if order == 0:
         return (fn(params, alpha),)
-    flat, tree = jax.tree_util.tree_flatten((params, alpha))
-    closed = jax.make_jaxpr(lambda *leaves: fn(*jax.tree_util.tree_unflatten(tree, leaves)))(*flat)
     start = jnp.stack([jnp.ones_like(alpha)] + [jnp.zeros_like(alpha)] * (order - 1))
-    series = [None] * (len(flat) - 1) + [start]
-    (out,), (s,) = eval_series(closed.jaxpr, closed.consts, flat, series, order)
-    if s is None:  # the output does not depend on alpha
-        return (out,) + tuple(jnp.zeros_like(out) for _ in range(order))
+    out, s = _run(fn, params, alpha, start, Plan(1, [(0, 0)] if order == 2 else []))
     return (out, *(s[i] for i in range(order)))
+
+
+def direction_jets(fn, params, alpha_k, order: int = 2):
+    """(x, J [k, ...], H [k, k, ...])[: order + 1]: fn(params, alpha_k) and its gradient and
+    Hessian in alpha_k [k], in one pass carrying x, the k first derivatives and the
+    k (k + 1) / 2 distinct second ones (nested forward mode along k directions pushes
+    k + k^2 tangent streams and computes every off-diagonal pair twice)."""
+    if order == 0:
+        return (fn(params, alpha_k),)
+    k = alpha_k.shape[0]
+    pairs = [(i, j) for i in range(k) for j in range(i, k)] if order == 2 else []
+    eye = jnp.eye(k, dtype=alpha_k.dtype)
+    start = jnp.concatenate([eye, jnp.zeros((len(pairs), k), alpha_k.dtype)]) if pairs else eye
+    out, s = _run(fn, params, alpha_k, start, Plan(k, pairs))
+    if order == 1:
+        return out, s
+    ii, jj = (jnp.asarray(x, jnp.int32) for x in zip(*pairs))
+    H = jnp.zeros((k, k) + s.shape[1:], s.dtype).at[ii, jj].set(s[k:]).at[jj, ii].set(s[k:])
+    return out, s[:k], H
