@@ -60,6 +60,7 @@ def test_sweep_writes_documented_npz(cli_run, tmp_path, negatives):
     (["--target", "0", "--negatives", "random", "--seed", "-1"], "seed must be a non-negative integer"),
     (["--target", "0", "--seed", "5"], "--seed applies to --negatives random"),  # once ignored, yet in meta
     (["--target", "0", "--top-k-at", "min"], "--top-k-at applies with --top-k"),  # once ignored
+    (["--target", "0", "--top-k", "all", "--top-k-at", "min"], "--top-k-at applies with --top-k K"),
     (["--target", "0", "--alphas", "-1e39:1e39:3"], "beyond float32"),  # once inf everywhere, exit 0  # a name reaches the run's check
 ])
 def test_sweep_user_errors(cli_run, tmp_path, capsys, argv, match):

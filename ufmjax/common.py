@@ -67,8 +67,8 @@ def compile_cache_dir(path=None) -> str | None:
     None when $UFMJAX_COMPILE_CACHE says off (or 0)."""
     import os
 
-    setting = str(path) if path is not None else os.environ.get(COMPILE_CACHE_ENV, "")
-    if setting.strip().lower() in ("0", "off", "no", "false", "none"):
+    setting = (str(path) if path is not None else os.environ.get(COMPILE_CACHE_ENV, "")).strip()
+    if setting.lower() in ("0", "off", "no", "false", "none"):
         return None
     setting = setting or os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
     if setting:

@@ -35,3 +35,25 @@ def test_a_large_vocabulary_gets_more_than_one_alpha_per_chunk():
     assert inter == 50257
     assert default_chunk_size(1, 50257, 1, inter, order=2) >= 8
     assert default_chunk_size(1, 50257, 1, 50257 * 8, order=2) < 8  # what the old count gave
+
+
+def test_a_loop_carry_that_picks_alpha_up_inside_counts():
+    """A scan whose carry enters constant and gains alpha in its body: the body's [8, 8, 8]
+    array is per alpha (as in the same loop unrolled)."""
+    import jax
+
+    def body(h, a):
+        big = jnp.einsum("i,j,k->ijk", h, h, h)
+        return h + a + big.sum() * 1e-3, None
+
+    def fn(p, a):
+        return jax.lax.scan(body, p, jnp.full((3,), a))[0][None]
+
+    def unrolled(p, a):
+        h = p
+        for _ in range(3):
+            h = body(h, a)[0]
+        return h[None]
+
+    p = jnp.ones(8)
+    assert largest_intermediate(fn, p, jnp.float32) == largest_intermediate(unrolled, p, jnp.float32) == 512

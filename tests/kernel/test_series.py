@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ufmjax.kernel.series import series_jets
+from ufmjax.kernel.series import direction_jets, series_jets
 from ufmjax.kernel.taylor import closure_jets, nested_jets
 from ufmjax.models import gpt
 from ufmjax.models.hf import load_decoder
@@ -135,7 +135,6 @@ def test_k_directions_equal_nested_forward_mode(x64, positions):
     series pass along k directions equal nested forward mode; the Hessian is symmetric; its
     flop count is below nested forward mode's."""
     from ufmjax.kernel.multi import nested_multi_jets
-    from ufmjax.kernel.series import direction_jets
 
     model = gpt.init_gpt(gpt.GPTConfig(vocab=19, context=6, layers=3, width=16, heads=2), seed=3)
     rng = np.random.default_rng(4)
@@ -154,3 +153,9 @@ def test_k_directions_equal_nested_forward_mode(x64, positions):
         f_nest = _flops(jax.vmap(lambda a: nested_multi_jets(st32.fn, st32.params, a, 2)), a32)
     assert f_ser < f_nest, (f_ser, f_nest)
     print(f"{positions}: k = 3 series {f_ser:.3g} flops, nested {f_nest:.3g}")
+
+
+def test_an_order_other_than_0_1_2_is_refused():
+    for f, a in ((series_jets, jnp.asarray(0.5)), (direction_jets, jnp.zeros(2))):
+        with pytest.raises(ValueError, match="order must be 0, 1 or 2"):
+            f(lambda p, x: p * jnp.sum(x), jnp.ones(2), a, 3)

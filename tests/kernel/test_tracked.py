@@ -43,3 +43,12 @@ def test_a_small_vocabulary_tracks_every_token():
     st = _closure(500)
     out = sweep(st, np.linspace(-1, 1, 5), concept_of=np.arange(500) % 2, derivatives=0)
     np.testing.assert_array_equal(out["tokens"], np.arange(500))
+
+
+def test_a_measure_and_tokens_together_are_refused_by_name():
+    from ufmjax.kernel import make_measure
+
+    st = _closure(50)
+    ms = make_measure(st, concept_of=np.arange(50) % 2)
+    with pytest.raises(ValueError, match="give either measure"):
+        sweep(st, np.linspace(0, 1, 3), measure=ms, tokens=np.array([0, 2]))

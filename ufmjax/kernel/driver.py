@@ -124,6 +124,10 @@ def largest_intermediate(fn, params, dtype) -> int:
     return traced("largest_intermediate", fn, params, dtype, compute)
 
 
+ONE_TO_ONE = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+                        "checkpoint", "remat", "custom_lin"})
+
+
 def _largest_moving(jaxpr, moving_in) -> int:
     """Largest output of an equation with an alpha-dependent input, sub-programs included (a
     call's inputs map one to one; a loop's or branch's are all taken as moving)."""
@@ -141,7 +145,10 @@ def _largest_moving(jaxpr, moving_in) -> int:
                 if isinstance(sub, jax.extend.core.ClosedJaxpr):
                     sub = sub.jaxpr
                 if isinstance(sub, jax.extend.core.Jaxpr):
-                    inner = m_in if len(sub.invars) == len(m_in) else [True] * len(sub.invars)
+                    # A call's inputs map one to one; a loop's carry can pick alpha up inside
+                    # the body even when it enters constant, so all of a loop's inputs move.
+                    one_to_one = eqn.primitive.name in ONE_TO_ONE and len(sub.invars) == len(m_in)
+                    inner = m_in if one_to_one else [True] * len(sub.invars)
                     best = max(best, _largest_moving(sub, inner))
     return best
 
@@ -282,7 +289,7 @@ TOP_K_AT = ("max", "min", "both")
 def auto_tokens(steered: Steered, alphas, tokens, dtype):
     """`tokens` as given, or for "auto" None (every token) up to ALL_TOKENS_UP_TO tokens and
     the DEFAULT_TOP_K most likely at the grid's largest alpha beyond."""
-    if not (isinstance(tokens, str) and tokens == "auto"):
+    if not isinstance(tokens, str) or tokens != "auto":
         return tokens
     k = resolve_top_k("auto", output_shape(steered, dtype)[1])
     return None if k is None else top_tokens(steered, alphas, k, "max")
@@ -471,7 +478,8 @@ def sweep(steered: Steered, alphas, *, concept_of=None, ce_target=None, weights=
         # The weights as given (float64), not as rounded into the measure's dtype.
         weights64 = (np.full(measure.num_rows, 1.0 / measure.num_rows) if weights is None
                      else np.asarray(weights, np.float64))
-    elif any(x is not None for x in (concept_of, ce_target, weights)) or not (tokens is None or tokens == "auto"):
+    elif any(x is not None for x in (concept_of, ce_target, weights)) or not (
+            tokens is None or (isinstance(tokens, str) and tokens == "auto")):
         raise ValueError("give either measure or concept_of/ce_target/weights/tokens, not both")
     plan = plan_sweep(steered, alphas, measure, derivatives=derivatives, chunk_size=chunk_size, dtype=dtype,
                       devices=devices, method=method)

@@ -150,6 +150,11 @@ def eval_series(jaxpr, consts, args, series, plan: Plan):
     return outs, out_ser
 
 
+def _check_order(order) -> None:
+    if isinstance(order, bool) or order not in (0, 1, 2):
+        raise ValueError(f"order must be 0, 1 or 2 (derivatives in alpha), got {order!r}")
+
+
 def _run(fn, params, alpha, start, plan: Plan):
     """fn's output and its series, alpha's own series being `start` [rows, *alpha.shape]."""
     flat, tree = jax.tree_util.tree_flatten((params, alpha))
@@ -167,6 +172,7 @@ def series_jets(fn, params, alpha, order: int = 2):
     `alpha` is a scalar or any array (then the derivatives are along the direction of ones,
     as `taylor.closure_jets`); `fn` returns one array.
     """
+    _check_order(order)
     if order == 0:
         return (fn(params, alpha),)
     start = jnp.stack([jnp.ones_like(alpha)] + [jnp.zeros_like(alpha)] * (order - 1))
@@ -179,6 +185,7 @@ def direction_jets(fn, params, alpha_k, order: int = 2):
     Hessian in alpha_k [k], in one pass carrying x, the k first derivatives and the
     k (k + 1) / 2 distinct second ones (nested forward mode along k directions pushes
     k + k^2 tangent streams and computes every off-diagonal pair twice)."""
+    _check_order(order)
     if order == 0:
         return (fn(params, alpha_k),)
     k = alpha_k.shape[0]
