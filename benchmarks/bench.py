@@ -855,7 +855,7 @@ def section_paper(sz: dict, rounds: int) -> Section:
     import jax
     import jax.numpy as jnp
 
-    from ufmjax.kernel import closure_jets, sweep
+    from ufmjax.kernel import closure_jets, sweep, top_tokens
     from ufmjax.models.hf import load_decoder, steered_closure
 
     spec = importlib.util.spec_from_file_location("ufmjax_paper_bench", Path(__file__).with_name("paper.py"))
@@ -882,8 +882,7 @@ def section_paper(sz: dict, rounds: int) -> Section:
             where = "all positions" if positions == "all" else "last position"
             st = steered_closure(model, list(prompts), v, layer, positions)
             at = jnp.asarray(alphas)
-            # The tracked tokens, bounded: the top-k at the grid's largest alpha.
-            top = np.argsort(-np.asarray(jax.nn.softmax(st.fn(st.params, at[-1]))).mean(0))[:sz["top_k"]]
+            top = top_tokens(st, alphas, sz["top_k"], "max")  # tracked tokens, bounded
 
             def ours(d, st=st, top=top):
                 return sweep(st, alphas, concept_of=concept_of, tokens=top, derivatives=d)

@@ -21,8 +21,8 @@ import numpy as np
 from ufmjax.common import enable_compile_cache
 from ufmjax.data import CORPORA
 from ufmjax.data.concept_tokens import CONCEPT_NAMES
-from ufmjax.kernel.grid import (check_grid, check_points, output_bytes, parse_grid, parse_product_grid, resolve_top_k,
-                                tracked_count)
+from ufmjax.kernel.grid import (check_grid, check_points, is_auto, output_bytes, parse_grid, parse_product_grid,
+                                resolve_top_k, tracked_count)
 from ufmjax.runs import io, sweepfile
 from ufmjax.runs.terms import parse_terms
 from ufmjax.runs.folders import check_output
@@ -463,7 +463,7 @@ def cmd_sweep(args) -> int:
     if not args.float64 and _reach(grid) > f32_max:
         raise ValueError(f"--alphas {args.alphas!r} reaches beyond float32 ({f32_max:.3g}): every value there "
                          f"would be inf; sweep a narrower range or add --float64")
-    if (args.top_k == "auto" or args.top_k is None) and args.top_k_at is not None:
+    if (is_auto(args.top_k) or args.top_k is None) and args.top_k_at is not None:
         raise ValueError("--top-k-at applies with --top-k K (by default every token of a small vocabulary is "
                          "tracked, else the top 256 at the grid's largest alpha)")
     args.top_k_at = args.top_k_at or "max"

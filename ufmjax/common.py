@@ -23,9 +23,8 @@ def cast_floats(tree, dtype):
     import jax
     import jax.numpy as jnp
 
-    wide = jnp.dtype(dtype).itemsize > 2
-
     target = jnp.dtype(dtype)
+    wide = target.itemsize > 2
 
     def one(x):
         if not isinstance(x, jax.Array):

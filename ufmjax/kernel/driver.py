@@ -30,8 +30,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ufmjax import steering
 from ufmjax.common import cast_floats
 from ufmjax.kernel import affine
-from ufmjax.kernel.grid import PREFIXES, QUANTITIES, Grid, check_alphas, check_order, resolve_top_k
+from ufmjax.kernel.grid import PREFIXES, QUANTITIES, Grid, check_alphas, check_order, is_auto, resolve_top_k
 from ufmjax.kernel.measure import Measure, Reference, make_measure, output_shape, reference_fn, traced
+from ufmjax.kernel.series import CALLS
 from ufmjax.kernel.taylor import jvp_chunk_fn, taylor_chunk_fn
 from ufmjax.steering import Steered
 
@@ -124,8 +125,9 @@ def largest_intermediate(fn, params, dtype) -> int:
     return traced("largest_intermediate", fn, params, dtype, compute)
 
 
-ONE_TO_ONE = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-                        "checkpoint", "remat", "custom_lin"})
+# Primitives whose sub-program takes the equation's inputs one to one: the calls the series
+# pass walks inside, and the custom-derivative and rematerialised calls.
+ONE_TO_ONE = CALLS | {"custom_jvp_call", "custom_vjp_call", "checkpoint", "remat", "custom_lin"}
 
 
 def _largest_moving(jaxpr, moving_in) -> int:
@@ -289,7 +291,7 @@ TOP_K_AT = ("max", "min", "both")
 def auto_tokens(steered: Steered, alphas, tokens, dtype):
     """`tokens` as given, or for "auto" None (every token) up to ALL_TOKENS_UP_TO tokens and
     the DEFAULT_TOP_K most likely at the grid's largest alpha beyond."""
-    if not isinstance(tokens, str) or tokens != "auto":
+    if not is_auto(tokens):
         return tokens
     k = resolve_top_k("auto", output_shape(steered, dtype)[1])
     return None if k is None else top_tokens(steered, alphas, k, "max")
@@ -478,8 +480,7 @@ def sweep(steered: Steered, alphas, *, concept_of=None, ce_target=None, weights=
         # The weights as given (float64), not as rounded into the measure's dtype.
         weights64 = (np.full(measure.num_rows, 1.0 / measure.num_rows) if weights is None
                      else np.asarray(weights, np.float64))
-    elif any(x is not None for x in (concept_of, ce_target, weights)) or not (
-            tokens is None or (isinstance(tokens, str) and tokens == "auto")):
+    elif any(x is not None for x in (concept_of, ce_target, weights)) or not (tokens is None or is_auto(tokens)):
         raise ValueError("give either measure or concept_of/ce_target/weights/tokens, not both")
     plan = plan_sweep(steered, alphas, measure, derivatives=derivatives, chunk_size=chunk_size, dtype=dtype,
                       devices=devices, method=method)

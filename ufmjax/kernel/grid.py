@@ -155,6 +155,11 @@ ALL_TOKENS_UP_TO = 1024
 DEFAULT_TOP_K = 256
 
 
+def is_auto(top_k) -> bool:
+    """Whether `top_k` (or a sweep's `tokens`) is the "auto" default, whatever its type."""
+    return isinstance(top_k, str) and top_k == AUTO
+
+
 def resolve_top_k(top_k, vocab: int):
     """None (every token) or k: "auto" is None up to ALL_TOKENS_UP_TO tokens, else DEFAULT_TOP_K."""
     if isinstance(top_k, str):

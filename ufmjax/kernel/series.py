@@ -25,6 +25,8 @@ import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 
+from ufmjax.kernel.grid import check_order
+
 # Primitives linear in every input (their second-order term is zero).
 LINEAR = frozenset({
     "add", "sub", "neg", "reshape", "broadcast_in_dim", "transpose", "reduce_sum", "convert_element_type",
@@ -150,11 +152,6 @@ def eval_series(jaxpr, consts, args, series, plan: Plan):
     return outs, out_ser
 
 
-def _check_order(order) -> None:
-    if isinstance(order, bool) or order not in (0, 1, 2):
-        raise ValueError(f"order must be 0, 1 or 2 (derivatives in alpha), got {order!r}")
-
-
 def _run(fn, params, alpha, start, plan: Plan):
     """fn's output and its series, alpha's own series being `start` [rows, *alpha.shape]."""
     flat, tree = jax.tree_util.tree_flatten((params, alpha))
@@ -172,7 +169,7 @@ def series_jets(fn, params, alpha, order: int = 2):
     `alpha` is a scalar or any array (then the derivatives are along the direction of ones,
     as `taylor.closure_jets`); `fn` returns one array.
     """
-    _check_order(order)
+    order = check_order(order)
     if order == 0:
         return (fn(params, alpha),)
     start = jnp.stack([jnp.ones_like(alpha)] + [jnp.zeros_like(alpha)] * (order - 1))
@@ -185,7 +182,7 @@ def direction_jets(fn, params, alpha_k, order: int = 2):
     Hessian in alpha_k [k], in one pass carrying x, the k first derivatives and the
     k (k + 1) / 2 distinct second ones (nested forward mode along k directions pushes
     k + k^2 tangent streams and computes every off-diagonal pair twice)."""
-    _check_order(order)
+    order = check_order(order)
     if order == 0:
         return (fn(params, alpha_k),)
     k = alpha_k.shape[0]
