@@ -9,9 +9,12 @@ model that has more structure declares it here, through two registries,
 - `register_affine(fn)`: fn is exactly affine in alpha (logits l + alpha u, the UFM by
   Lemma B.2), so the kernel takes its closed-form affine path;
 - `register_rowwise(fn, rowwise)`: `rowwise(params, alpha_M)` steers row j by alpha_M[j] in one
-  pass, so the per-context optimiser needs one model evaluation instead of M.
+  pass, so the per-context optimiser needs one model evaluation instead of M;
+- `register_head(fn, hidden, unembedding)`: fn ends in an unembedding (logits = h W^T, maybe
+  soft-capped), so the kernel takes its head path: it never forms the [M, V] logits but walks
+  the vocabulary in blocks, the head's product and the softmax sums together.
 
-Both registries are keyed by the function object, so `fn` must be stable (module level or
+The registries are keyed by the function object, so `fn` must be stable (module level or
 memoised); everything that varies between models lives in `params`.
 """
 
@@ -45,6 +48,7 @@ def diff_of_means(h_MxD, P, N) -> np.ndarray:
 
 _AFFINE: set = set()
 _ROWWISE: dict = {}
+_HEADS: dict = {}
 
 
 def register_affine(fn):
@@ -65,6 +69,50 @@ def register_rowwise(fn: Callable, rowwise: Callable) -> None:
     `rowwise` must be stable (module level or memoised), like fn.
     """
     _ROWWISE[fn] = rowwise
+
+
+class Unembedding(NamedTuple):
+    """What a head-declared closure's `unembedding(params)` returns (traced, alpha-free).
+
+    logits = softcap * tanh(h W^T / softcap) (no cap: h W^T), with W [V, D] when vocab_axis is
+    0 (transformers' layout, a tied embedding) or [D, V] when it is 1 (a Flax Dense kernel):
+    the kernel slices vocabulary blocks out of W where it lies instead of transposing a copy.
+    """
+
+    W: Any
+    vocab_axis: int = 0
+    softcap: float | None = None
+
+
+class Head(NamedTuple):
+    """A closure's declared head: `hidden(params, alpha) -> h [M, D]` (the state the
+    unembedding reads, after the final norm) and `unembedding(params) -> Unembedding`."""
+
+    hidden: Callable[[Any, jax.Array], jax.Array]
+    unembedding: Callable[[Any], Unembedding]
+
+
+def register_head(fn, hidden: Callable, unembedding: Callable) -> None:
+    """Declare fn(params, alpha) = head(hidden(params, alpha)) with an alpha-free unembedding.
+
+    The kernel then evaluates the softmax quantities from h and W block by block over the
+    vocabulary (`kernel.head`) and never holds the logits. hidden and unembedding must be
+    stable (module level or memoised), like fn; tests hold fn against the two.
+    """
+    _HEADS[fn] = Head(hidden, unembedding)
+
+
+def head_of(fn) -> Head | None:
+    """The head `fn` was declared with (`register_head`), or None."""
+    return _HEADS.get(fn)
+
+
+def head_logits(unembedding: Unembedding, h_xD):
+    """The logits a declared head gives for hidden states h [..., D] (the closure's own output)."""
+    W = unembedding.W.astype(h_xD.dtype)
+    y = h_xD @ (W.T if unembedding.vocab_axis == 0 else W)
+    cap = unembedding.softcap
+    return y if cap is None else jnp.tanh(y / cap) * cap
 
 
 @functools.lru_cache(maxsize=64)

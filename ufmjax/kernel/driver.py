@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ufmjax import steering
 from ufmjax.common import cast_floats
 from ufmjax.kernel import affine
+from ufmjax.kernel import head as head_mod
 from ufmjax.kernel.grid import PREFIXES, QUANTITIES, Grid, check_alphas, check_order, is_auto, resolve_top_k
 from ufmjax.kernel.measure import Measure, Reference, make_measure, output_shape, reference_fn, traced
 from ufmjax.kernel.series import CALLS
@@ -41,7 +42,7 @@ from ufmjax.steering import Steered
 # caches and run slower, not faster (measured on a GPT: 2.4x slower at 4x the size).
 CHUNK_ELEMENTS = 1 << 21
 MAX_CHUNK = 512
-METHODS = ("auto", "affine", "taylor", "jvp")
+METHODS = ("auto", "affine", "head", "taylor", "jvp")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
 
@@ -86,13 +87,21 @@ def check_quantities(quantities) -> tuple | None:
     return tuple(quantities)
 
 
-def resolve_method(fn, method: str, num_concepts: int) -> str:
-    """'auto' -> 'affine' for closures declared affine (few concepts), else 'taylor'."""
+def resolve_method(fn, method: str, num_concepts: int, sharded: bool = False) -> str:
+    """'auto' -> 'affine' for closures declared affine (few concepts), 'head' for closures
+    declared with an unembedding (`steering.register_head`), else 'taylor'. A model sharded
+    over its vocabulary (`sharded`) keeps 'taylor': its logits are already split over the
+    devices, where the head path would slice blocks out of a split W."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "head" and steering.head_of(fn) is None:
+        raise ValueError("method 'head' needs a closure declared with steering.register_head (a GPT's or a "
+                         "pretrained model's); use 'taylor' for any closure")
     if method != "auto":
         return method
-    return "affine" if steering.is_affine(fn) and num_concepts <= affine.AFFINE_MAX_CONCEPTS else "taylor"
+    if steering.is_affine(fn) and num_concepts <= affine.AFFINE_MAX_CONCEPTS:
+        return "affine"
+    return "head" if steering.head_of(fn) is not None and not sharded else "taylor"
 
 
 # ---------------------------------------------------------------- sizes and placement
@@ -157,9 +166,16 @@ def _largest_moving(jaxpr, moving_in) -> int:
 
 def place(tree, sharding):
     """Put host or device arrays on `sharding`. Several processes (jax.distributed) each hold
-    the same values, so every process builds the global array from its own copy."""
+    the same values, so every process builds the global array from its own copy. Leaves
+    already laid out so are left as they are (a model's few hundred weights cost milliseconds
+    of dispatch per sweep otherwise)."""
     if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
+        def one(x):
+            if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x
+            return jax.device_put(x, sharding)
+
+        return jax.tree.map(one, tree)
 
     def one(x):
         x = np.asarray(x)
@@ -214,8 +230,9 @@ class Evaluator:
       steered: the model's `alpha -> logits [M, V]` closure.
       measure: what to compute (`make_measure`), in the evaluator's dtype.
       order: the most derivatives any call asks for (0, 1 or 2).
-      method: "auto" (affine for closures declared affine, else taylor), "affine", "taylor"
-        or "jvp" (the nested-jvp reference). All agree to rounding.
+      method: "auto" (affine for closures declared affine, head for closures declared with an
+        unembedding, else taylor), "affine", "head", "taylor" or "jvp" (the nested-jvp
+        reference). All agree to rounding.
       dtype: float32 or float64.
       devices: the devices of the mesh (all visible devices by default).
       reference: the alpha = 0 Reference to measure against (computed from `steered` if None;
@@ -232,8 +249,8 @@ class Evaluator:
         self.order = check_order(order)
         self.fn = steered.fn
         self.quantities = check_quantities(quantities)
-        self.method = resolve_method(self.fn, method, measure.num_concepts)
         self.model_mesh = model_mesh(steered.params)
+        self.method = resolve_method(self.fn, method, measure.num_concepts, self.model_mesh is not None)
         if self.model_mesh is not None:  # the model is sharded: its mesh carries the alphas too
             mesh = self.model_mesh
             self.devices = list(mesh.devices.flat)
@@ -268,7 +285,10 @@ class Evaluator:
         if self.method == "affine":
             fn = affine.affine_chunk_fn(order, self.row_block, self.quantities, self.point)
             return fn(alphas_C, self.parts, self.affine_reference, self.measure)
-        fn = (jvp_chunk_fn if self.method == "jvp" else taylor_chunk_fn)(self.fn, order, self.quantities)
+        if self.method == "head":
+            fn = head_mod.head_chunk_fn(self.fn, order, self.quantities)
+        else:
+            fn = (jvp_chunk_fn if self.method == "jvp" else taylor_chunk_fn)(self.fn, order, self.quantities)
         return fn(alphas_C, self.params, self.reference, self.measure)
 
     def at(self, alphas, order: int | None = None) -> dict[str, np.ndarray]:
@@ -363,8 +383,8 @@ def plan_sweep(steered: Steered, alphas, measure: Measure, *, derivatives: int, 
     """Check the sweep's arguments and cut the grid into chunks."""
     alphas = check_alphas(alphas)
     order = check_order(derivatives)
-    method = resolve_method(steered.fn, method, measure.num_concepts)
     mesh = model_mesh(steered.params)
+    method = resolve_method(steered.fn, method, measure.num_concepts, mesh is not None)
     if mesh is not None:  # a sharded model: alphas go over its mesh's "alpha" axis
         devices, n_dev = tuple(mesh.devices.flat), mesh.shape["alpha"]
     else:
@@ -374,6 +394,10 @@ def plan_sweep(steered: Steered, alphas, measure: Measure, *, derivatives: int, 
         M, V = measure.num_rows, int(measure.onehot_VxG.shape[0])
         if method == "affine":
             chunk_size = affine.default_affine_chunk_size(V, n_dev)
+        elif method == "head":  # the logits are only ever one block [M, Vb] per alpha
+            hidden = steering.head_of(steered.fn).hidden
+            inter = largest_intermediate(hidden, cast_floats(steered.params, dtype), dtype)
+            chunk_size = default_chunk_size(M, min(V, head_mod.VOCAB_BLOCK), n_dev, inter, order)
         else:
             inter = largest_intermediate(steered.fn, cast_floats(steered.params, dtype), dtype)
             chunk_size = default_chunk_size(M, V, n_dev, inter, order)

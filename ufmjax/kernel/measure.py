@@ -71,8 +71,7 @@ _TRACED_MAX = 256
 def traced(kind: str, fn, params, dtype, compute):
     """compute() once per (kind, fn, parameter shapes and dtypes, dtype)."""
     leaves, tree = jax.tree_util.tree_flatten(params)
-    key = (kind, fn, tree, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__))) for x in leaves),
-           str(jnp.dtype(dtype)))
+    key = (kind, fn, tree, tuple((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves), jnp.dtype(dtype))
     if key not in _TRACED:
         if len(_TRACED) >= _TRACED_MAX:
             _TRACED.clear()

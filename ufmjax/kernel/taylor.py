@@ -90,7 +90,9 @@ def select(trees, names):
     return tuple({k: t[k] for k in names} for t in trees)
 
 
-def _vmapped(point, names):
+def vmapped_chunk(point, names):
+    """jit of `point` (one alpha) vmapped over a chunk of alphas, keeping the quantities `names`."""
+
     def chunk(alphas_C, params, ref, ms):
         count_trace()
         return select(jax.vmap(point, in_axes=(0, None, None, None))(alphas_C, params, ref, ms), names)
@@ -105,7 +107,7 @@ def taylor_chunk_fn(fn, order: int, names: tuple | None = None):
     def point(alpha, params, ref, ms):
         return taylor_quantities(closure_jets(fn, params, alpha, order), ref, ms)
 
-    return _vmapped(point, names)
+    return vmapped_chunk(point, names)
 
 
 @functools.lru_cache(maxsize=64)
@@ -129,4 +131,4 @@ def jvp_chunk_fn(fn, order: int, names: tuple | None = None):
         (y, dy), (_, d2y) = jax.jvp(f_and_slope, (alpha,), (one,))
         return y, dy, d2y
 
-    return _vmapped(point, names)
+    return vmapped_chunk(point, names)

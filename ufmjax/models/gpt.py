@@ -37,9 +37,12 @@ from ufmjax.common import cast_floats
 from ufmjax.steering import (
     Steered,
     add_terms,
+    Unembedding,
     check_terms,
+    head_logits,
     layer_groups,
     mask_rowwise,
+    register_head,
     register_rowwise,
     residual_rowwise,
 )
@@ -226,9 +229,15 @@ class GPT(nnx.Module):
         """W [V, D], so that logits = LN(h) W^T."""
         return self.embed.embedding[...] if self.config.tied else self.unembed.kernel[...].T
 
+    def unembedding_as_stored(self) -> Unembedding:
+        """W where it lies: the tied embedding [V, D], or the Dense kernel [D, V] (no copy)."""
+        if self.config.tied:
+            return Unembedding(self.embed.embedding[...], vocab_axis=0)
+        return Unembedding(self.unembed.kernel[...], vocab_axis=1)
+
     def head(self, h_xD):
         """y = LN(h_L) W^T (Sec. 4)."""
-        return self.ln_f(h_xD) @ self.unembedding().T
+        return head_logits(self.unembedding_as_stored(), self.ln_f(h_xD))
 
     def __call__(self, tokens_BxT, layer: int | None = None, add_BxTxD=None):
         """Logits [B, T, V]; optionally add `add_BxTxD` to the residual stream at `layer`."""
@@ -362,30 +371,39 @@ def steering_vector(model: GPT, P_prompts, N_prompts, layer: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _steered_fn(graphdef, layer: int, positions: str, rows: str):
-    """`fn(params, alpha) -> logits [M, V]` for one model shape, cut point and mode."""
+    """`fn(params, alpha) -> logits [M, V]` for one model shape, cut point and mode, declared
+    with its head (`steering.register_head`): fn = LN(h_L(alpha)) W^T."""
 
     if positions == "all":
-        def fn(params, alpha):
+        def hidden(params, alpha):
             model = nnx.merge(graphdef, params["model"])
             h = params["h"] + alpha * params["steer"]  # Eq. 1 at every position
+            blocks = model.blocks[layer:]
             if rows == "all":
-                logits_BxTxV = model.suffix(h, layer)
-                return logits_BxTxV.reshape(-1, logits_BxTxV.shape[-1])
+                for block in blocks:
+                    h = block(h)
+                return model.ln_f(h.reshape(-1, h.shape[-1]))
             # Only the last position's logits are read: the last block's MLP and the
             # unembedding run on that position alone (its attention still sees them all).
-            blocks = model.blocks[layer:]
             for block in blocks[:-1]:
                 h = block(h)
-            return model.head(blocks[-1].last(h) if len(blocks) else h[:, -1])
+            return model.ln_f(blocks[-1].last(h) if len(blocks) else h[:, -1])
     else:
-        def fn(params, alpha):
+        def hidden(params, alpha):
             model = nnx.merge(graphdef, params["model"])
             x = params["x"] + alpha * params["steer"]  # Eq. 1 at the last position only
             for block, k, v in zip(model.blocks[layer:], params["k"], params["v"]):
                 x = block.step(x, k, v)
-            return model.head(x)
+            return model.ln_f(x)
+
+    def unembedding(params):
+        return nnx.merge(graphdef, params["model"]).unembedding_as_stored()
+
+    def fn(params, alpha):
+        return head_logits(unembedding(params), hidden(params, alpha))
 
     fn.__qualname__ = f"gpt_steered[layer={layer},positions={positions},rows={rows}]"
+    register_head(fn, hidden, unembedding)
     if rows == "last":  # one row per prompt: a per-row alpha is a per-prompt alpha
         register_rowwise(fn, residual_rowwise(fn))
     return fn

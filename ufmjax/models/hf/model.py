@@ -37,10 +37,13 @@ from flax import nnx
 from ufmjax.models.hf.config import Spec
 from ufmjax.steering import (
     Steered,
+    Unembedding,
     add_terms,
     check_terms,
+    head_logits,
     layer_groups,
     mask_rowwise,
+    register_head,
     register_rowwise,
     residual_rowwise,
 )
@@ -243,9 +246,11 @@ class Decoder(nnx.Module):
             out.append(h)
         return jnp.stack(out)
 
-    def suffix(self, h_BxTxD, valid_BxT, pos_BxT, layer: int, last_only: bool = False):
+    def suffix(self, h_BxTxD, valid_BxT, pos_BxT, layer: int, last_only: bool = False, logits: bool = True):
         """Logits from the residual at layer l: blocks l..L-1, final norm, head; [B, T, V], or
-        [B, V] at the last position when `last_only` (its last block's MLP on that row alone)."""
+        [B, V] at the last position when `last_only` (its last block's MLP on that row alone).
+        `logits=False` stops before the unembedding: the final-normed hidden states [.., D]."""
+        out = self.head if logits else self.final_norm
         tables, masks = self.rope(pos_BxT, h_BxTxD.dtype), self.masks(valid_BxT)
         blocks = list(enumerate(self.blocks))[layer:]
         if last_only and blocks:
@@ -257,21 +262,25 @@ class Decoder(nnx.Module):
             sc = jnp.where(masks[block.window][:, None, None, -1:], block.scores(q[:, -1:], k), NEG_INF)
             w = jax.nn.softmax(sc, axis=-1)
             att = jnp.einsum("bkgqs,bske->bqkge", w, v)[:, 0]
-            return self.head(block.finish(h_BxTxD[:, -1], att.reshape(att.shape[0], -1)))
+            return out(block.finish(h_BxTxD[:, -1], att.reshape(att.shape[0], -1)))
         for i, block in blocks:
             h_BxTxD = block(h_BxTxD, masks[block.window], *self._cos_sin(tables, i))
-        return self.head(h_BxTxD[:, -1] if last_only else h_BxTxD)
+        return out(h_BxTxD[:, -1] if last_only else h_BxTxD)
 
     def unembedding(self):
         """W [V, D], so that logits = norm(h_L) W^T."""
         return self.embed[...] if self.spec.tied else self.head_w[...]
 
+    def unembedding_as_stored(self) -> Unembedding:
+        """W [V, D] with the final soft-cap (Gemma 2), as the kernel's head path reads it."""
+        return Unembedding(self.unembedding(), vocab_axis=0, softcap=self.spec.final_softcap)
+
+    def final_norm(self, h_xD):
+        return norm(h_xD, self.final_w[...], _value(self.final_b), self.spec.norm, self.spec.norm_eps)
+
     def head(self, h_xD):
-        x = norm(h_xD, self.final_w[...], _value(self.final_b), self.spec.norm, self.spec.norm_eps)
-        y = linear(x, self.unembedding())
-        if self.spec.final_softcap is not None:
-            y = jnp.tanh(y / self.spec.final_softcap) * self.spec.final_softcap
-        return y
+        """logits = cap(norm(h_L) W^T)."""
+        return head_logits(self.unembedding_as_stored(), self.final_norm(h_xD))
 
     def kv_cache(self, h_BxTxD, valid_BxT, pos_BxT, layer: int):
         """Keys, values and key masks of every block >= l on the UNSTEERED residual at positions
@@ -426,29 +435,37 @@ def token_mean_residual(model: Decoder, prompts, layer: int, dtype=jnp.float32, 
 
 @functools.lru_cache(maxsize=64)
 def _steered_fn(graphdef, layer: int, positions: str, rows: str):
-    """`fn(params, alpha) -> logits [M, V]` for one model shape, cut point and mode."""
+    """`fn(params, alpha) -> logits [M, V]` for one model shape, cut point and mode, declared
+    with its head (`steering.register_head`): fn = cap(norm(h_L(alpha)) W^T)."""
 
     if positions == "all":
-        def fn(params, alpha):
+        def hidden(params, alpha):
             model = nnx.merge(graphdef, params["model"])
             valid, pos = params["valid"], params["pos"]
             steer = params["steer"] * valid[..., None].astype(params["h"].dtype)
             h = params["h"] + alpha * steer  # Eq. 1 at every (real) position
             if rows == "all":
-                y = model.suffix(h, valid, pos, layer)
+                y = model.suffix(h, valid, pos, layer, logits=False)
                 return y.reshape(-1, y.shape[-1])
-            return model.suffix(h, valid, pos, layer, last_only=True)
+            return model.suffix(h, valid, pos, layer, last_only=True, logits=False)
     else:
-        def fn(params, alpha):
+        def hidden(params, alpha):
             model = nnx.merge(graphdef, params["model"])
             x = params["x"] + alpha * params["steer"]  # Eq. 1 at the last position only
             tables = model.rope(params["pos_last"], x.dtype)
             for j, (block, k, v, m) in enumerate(zip(model.blocks[layer:], params["k"], params["v"], params["m"])):
                 cos, sin = model._cos_sin(tables, layer + j)
                 x = block.step(x, k, v, m, cos, sin)
-            return model.head(x)
+            return model.final_norm(x)
+
+    def unembedding(params):
+        return nnx.merge(graphdef, params["model"]).unembedding_as_stored()
+
+    def fn(params, alpha):
+        return head_logits(unembedding(params), hidden(params, alpha))
 
     fn.__qualname__ = f"hf_steered[layer={layer},positions={positions},rows={rows}]"
+    register_head(fn, hidden, unembedding)
     if rows == "last":
         register_rowwise(fn, residual_rowwise(fn))
     return fn
