@@ -145,8 +145,10 @@ def block_sums(x_SxMxVb, r_MxVb, onehot_VbxG, targets_MxVb, valid_Vb, order: int
         top = (x == m[:, None]) & valid_Vb
         n_top = jnp.sum(top, axis=-1)  # ties: their mean
         anchor += [jnp.sum(jnp.where(top, x_SxMxVb[s], 0.0), axis=-1) / n_top for s in range(1, order + 1)]
-    y = [x, x - r_MxVb] + [x_SxMxVb[s] for s in range(1, order + 1)]
-    b = [jnp.where(valid_Vb, v - a[:, None], 0.0) for v, a in zip(y, anchor)]
+    b_x = jnp.where(valid_Vb, x - m[:, None], 0.0)
+    # d - m as (x - m) - r: x - r first would round at the scale of |x| (hundreds at large alpha).
+    b = [b_x, jnp.where(valid_Vb, b_x - r_MxVb, 0.0)]
+    b += [jnp.where(valid_Vb, x_SxMxVb[s] - a[:, None], 0.0) for s, a in zip(range(1, order + 1), anchor[2:])]
     e = jnp.where(valid_Vb, jnp.exp(b[0]), 0.0)
     cache = {(0,) * len(b): e}
     A = jnp.stack([jnp.sum(_monomial(b, k, cache), axis=-1) for k in moments(order)], axis=1)
