@@ -9,11 +9,15 @@ compiles one closure with one measure and returns every quantity of the theory w
 and second derivatives in alpha at any alphas (the optimiser's point evaluations); `sweep`
 walks a grid in chunks through an evaluator, sharded over the devices, so memory depends on
 the chunk, never on the grid. Every reduction (tracked tokens, concept sums, CE, KL, entropy)
-happens inside the compiled call. Three paths, equal to rounding:
+happens inside the compiled call. Four paths, equal to rounding:
 
 - "affine" (`ufmjax.kernel.affine`; closures declared with `steering.register_affine`, the
   UFM): closed forms from one matrix product of moments, no autodiff;
-- "taylor" (`ufmjax.kernel.taylor`; any closure, e.g. a GPT): through the model only (forward
+- "head" (`ufmjax.kernel.head`; closures declared with their unembedding through
+  `steering.register_head`: the GPTs and pretrained models): the series through the model up
+  to the final hidden state, then the vocabulary walked in blocks, the head's product and
+  every softmax sum together, so the [M, V] logits are never held;
+- "taylor" (`ufmjax.kernel.taylor`; any closure): through the model only (forward
   mode for the first derivative, one Taylor-series pass, `ufmjax.kernel.series`, for both), the
   softmax part in closed form;
 - "jvp": the reference, nested `jax.jvp` through everything.
@@ -24,7 +28,7 @@ any [A, k] points; bootstrap resamples of the steering vectors are a batch axis 
 compiled pass.
 
 Modules: `grid` (alpha grids, argument checks and output sizes, numpy only), `measure`
-(Measure, Reference, quantities at one alpha), `series`, `taylor`, `affine`, `multi`, `driver` (Evaluator, plan /
+(Measure, Reference, quantities at one alpha), `series`, `taylor`, `head`, `affine`, `multi`, `driver` (Evaluator, plan /
 drive of a sweep, chunk sizes, placement on devices). Names are loaded on first use, so
 `ufmjax.kernel.grid` (and the CLI's checks before any work) imports no JAX.
 """
@@ -49,7 +53,7 @@ _EXPORTS = {
     "nested_jets": "taylor",
     "series_jets": "series",
 }
-_SUBMODULES = ("affine", "driver", "grid", "measure", "multi", "series", "taylor")
+_SUBMODULES = ("affine", "driver", "grid", "head", "measure", "multi", "series", "taylor")
 __all__ = sorted([*_EXPORTS, "trace_count"])
 
 

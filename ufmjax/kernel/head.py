@@ -13,15 +13,16 @@ product [S M, D] @ [D, Vb] gives the block's logit series, and every sum the qua
 is taken while that block is in cache. The logits are never held, whatever V is (262,144 for
 Gemma 3).
 
-The sums are taken about an anchor: per row, the block's most likely token z*. With the base
-variables y = (x, x - r, x', x'') (r: the unsteered log-probabilities), b = y - y(z*) and
-e = exp(b_x) <= 1, a block contributes sum_z e prod_i b_i^k_i for a few monomials k (and the
-concept indicators times some of them, and the CE targets times b). Two blocks merge by moving
-both sets of sums to the anchor with the larger logit (a binomial shift; e is rescaled by
-exp(-dx) <= 1). Centred at the most likely token, nothing cancels where the distribution
-concentrates (the affine path's device, `kernel.affine`). The quantities then follow in closed
-form from the moments: the identities of `taylor.taylor_quantities` (docs/theory.md, "How the
-kernel computes derivatives").
+The sums are taken about a centre per row: m = max x for x, m for d = x - r (r: the
+unsteered log-probabilities), and the values at the maximising token z* for x' and x''. With
+b = y - centre for the base variables y = (x, d, x', x'') and e = exp(x - m) <= 1, a block
+contributes sum_z e prod_i b_i^k_i for a few monomials k (and the concept indicators times
+some of them, and the CE targets times b). Two blocks merge by moving both sets of sums to the
+centre with the larger maximum (a binomial shift; e is rescaled by exp(-dm) <= 1). Centred at
+the most likely token, nothing cancels where the distribution concentrates (the affine path's
+device, `kernel.affine`). The quantities then follow in closed form from the moments: the
+identities of `taylor.taylor_quantities` (docs/theory.md, "How the kernel computes
+derivatives", head path).
 """
 
 from __future__ import annotations

@@ -68,9 +68,19 @@ class Plan:
 
     def __init__(self, k: int, pairs=()):
         self.k = int(k)
-        self.ii = jnp.asarray([i for i, _ in pairs], jnp.int32)
-        self.jj = jnp.asarray([j for _, j in pairs], jnp.int32)
+        self.ii = tuple(int(i) for i, _ in pairs)
+        self.jj = tuple(int(j) for _, j in pairs)
         self.second = len(pairs) > 0
+        # Every pair (i, i): D^2 f[a, b] of a bilinear f is then 2 f(a_1, a_2), one product.
+        self.diagonal = all(i == j for i, j in pairs)
+
+
+def _rows(stack, rows: tuple):
+    """stack[rows] for static rows: a slice where they are consecutive (a gather, with its
+    copy of the whole series, otherwise; the scalar case is the one row 0)."""
+    if rows == tuple(range(rows[0], rows[0] + len(rows))):
+        return stack[rows[0]:rows[0] + len(rows)]
+    return stack[jnp.asarray(rows, jnp.int32)]
 
 
 def _eqn_series(eqn, args, series, plan: Plan):
@@ -98,8 +108,8 @@ def _eqn_series(eqn, args, series, plan: Plan):
     d = jax.vmap(lambda *c: jax.jvp(g, xs, c)[1])(*stacks)  # Df on every row
     if not plan.second or _linear_in(eqn, moving):
         return outs, [x if f else None for x, f in zip(d, floating)]
-    a = tuple(st[plan.ii] for st in stacks)  # x'_i of each pair, per moving input
-    b = tuple(st[plan.jj] for st in stacks)
+    a = tuple(_rows(st, plan.ii) for st in stacks)  # x'_i of each pair, per moving input
+    b = tuple(_rows(st, plan.jj) for st in stacks)
     if eqn.primitive.name in BILINEAR:  # both factors move: D^2 f[a, b] = f(a_1, b_2) + f(b_1, a_2)
         x1, x2 = idx
 
@@ -108,7 +118,10 @@ def _eqn_series(eqn, args, series, plan: Plan):
             full[x1], full[x2] = u, w
             return _bind(eqn, full)
 
-        dd = [p + q for p, q in zip(jax.vmap(cross)(a[0], b[1]), jax.vmap(cross)(b[0], a[1]))]
+        if plan.diagonal:  # a = b: the two cross products are one product, twice
+            dd = [2 * p for p in jax.vmap(cross)(a[0], b[1])]
+        else:
+            dd = [p + q for p, q in zip(jax.vmap(cross)(a[0], b[1]), jax.vmap(cross)(b[0], a[1]))]
     else:
         dd = jax.vmap(lambda u, w: jax.jvp(lambda *x: jax.jvp(g, x, u)[1], xs, w)[1])(a, b)
     k = plan.k

@@ -21,7 +21,7 @@ import numpy as np
 
 from ufmjax.common import cast_floats, jsonable
 from ufmjax.kernel import PREFIXES, Evaluator, check_alphas, check_dtype, make_measure
-from ufmjax.steering import Steered, rowwise_of
+from ufmjax.steering import Steered, head_of, rowwise_of
 
 OBJECTIVES = ("penalised", "budget", "level")
 METRICS = ("ce", "kl")
@@ -138,8 +138,9 @@ class Problem:
       weights: [M] row weights (context probabilities pi); uniform by default.
       contexts: evaluation rows E (indices into the M rows); all rows by default.
       dtype: float64 (default when jax_enable_x64 is on) or float32.
-      method: the kernel path of shared-alpha evaluations: "auto" (= "taylor"), "affine"
-        (closures declared affine, such as the UFM), "taylor" or "jvp". All agree to rounding
+      method: the kernel path of shared-alpha evaluations: "auto" ("head" for closures declared
+        with their unembedding, the GPTs and pretrained models, else "taylor"), "affine"
+        (closures declared affine, such as the UFM), "head", "taylor" or "jvp". All agree to rounding
         (tested to 1e-10 on the optimum). "auto" is taylor even for the UFM because the
         optimiser asks for one alpha per call, where the affine path's setup (the exact upper
         envelope) and its longer closed forms cost more than they save: measured 0.84x the
@@ -178,7 +179,8 @@ class Problem:
         self.rows_E = jnp.asarray(self.contexts, jnp.int32)
         self.params = cast_floats(steered.params, self.dtype)
         # Every shared alpha is evaluated by this one compiled evaluator, one alpha per call.
-        method = "taylor" if method == "auto" else method
+        if method == "auto":  # head for closures that declare one, never affine (see above)
+            method = "head" if head_of(steered.fn) is not None else "taylor"
         self.evaluator = Evaluator(steered, self.measure, order=2, method=method, dtype=self.dtype,
                                    devices=jax.devices()[:1], quantities=KERNEL_QUANTITIES)
         self.method = self.evaluator.method
