@@ -166,9 +166,9 @@ def test_auto_takes_the_head_path_where_declared():
     with pytest.raises(ValueError, match="method 'head' needs a closure declared"):
         resolve_method(lin.fn, "head", 3)
     # The chunk is sized to one vocabulary block per alpha, not to the [M, V] logits.
-    big = _gpt(True, vocab=20_000)
-    st = gpt.steered_closure(big, rng.integers(0, 20_000, (2, 8)), rng.normal(size=16), 1)
-    ms = make_measure(st, concept_of=np.arange(20_000) % 3)
+    big = _gpt(True, vocab=50_257)
+    st = gpt.steered_closure(big, rng.integers(0, 50_257, (2, 8)), rng.normal(size=16), 1)
+    ms = make_measure(st, concept_of=np.arange(50_257) % 3)
     grid = np.linspace(-1, 1, 512)
     head = plan_sweep(st, grid, ms, derivatives=2, chunk_size=None, dtype=jnp.float32, devices=None, method="auto")
     taylor = plan_sweep(st, grid, ms, derivatives=2, chunk_size=None, dtype=jnp.float32, devices=None,

@@ -42,6 +42,16 @@ from ufmjax.steering import Steered
 # caches and run slower, not faster (measured on a GPT: 2.4x slower at 4x the size).
 CHUNK_ELEMENTS = 1 << 21
 MAX_CHUNK = 512
+# The head path's per-alpha array is one vocabulary block of logit series [S, M, Vb]; a chunk
+# holding about 2^20 of their elements ran fastest, measured side by side at V = 50,257, 4 rows
+# and 128 alphas: values 0.16-0.18 ms per (alpha x prompt) at 64-128 a chunk (2^19-2^20) against
+# 0.25 at 16; both derivatives 0.48-0.49 at 32-64 (2^20) against 0.61 at 128 and 0.58 at 16.
+HEAD_CHUNK_ELEMENTS = 1 << 20
+# ... and its model part's largest per-alpha array times the streams near 2^22 elements: with
+# every position steered (the [B, T, 4 D] MLP activations the largest), measured there at 16
+# alphas: values 2.2 ms per (alpha x prompt) at 8-16 a chunk against 2.4 at 4 and 2.9 at 2;
+# both derivatives 8.4 at 2 and 8 against 9.4 at 1 (2^21 gave 5 and 1).
+HEAD_MODEL_ELEMENTS = 1 << 22
 METHODS = ("auto", "affine", "head", "taylor", "jvp")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
@@ -107,15 +117,17 @@ def resolve_method(fn, method: str, num_concepts: int, sharded: bool = False) ->
 # ---------------------------------------------------------------- sizes and placement
 
 def default_chunk_size(num_rows: int, vocab: int, num_devices: int = 1, intermediate: int = 0,
-                       order: int = 0) -> int:
+                       order: int = 0, target: int = CHUNK_ELEMENTS) -> int:
     """Largest chunk keeping one [C, M, V] intermediate near CHUNK_ELEMENTS, per device.
 
     `intermediate`: elements of the closure's largest intermediate for one alpha (a GPT's
     [B, T, 4 D] activations can dwarf its [M, V] logits); the chunk is sized to the larger.
     `order`: derivatives asked for; forward mode carries order + 1 streams through the model.
+    `target`: elements of that intermediate per device (the head path sizes its vocabulary
+    block's series to `HEAD_CHUNK_ELEMENTS` and the model's own arrays to CHUNK_ELEMENTS).
     """
     per_alpha = max(1, num_rows * vocab, intermediate) * (order + 1)
-    per_device = max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // per_alpha))
+    per_device = max(1, min(MAX_CHUNK, target // per_alpha))
     return per_device * num_devices
 
 
@@ -397,7 +409,8 @@ def plan_sweep(steered: Steered, alphas, measure: Measure, *, derivatives: int, 
         elif method == "head":  # the logits are only ever one block [M, Vb] per alpha
             hidden = steering.head_of(steered.fn).hidden
             inter = largest_intermediate(hidden, cast_floats(steered.params, dtype), dtype)
-            chunk_size = default_chunk_size(M, min(V, head_mod.VOCAB_BLOCK), n_dev, inter, order)
+            chunk_size = min(default_chunk_size(M, min(V, head_mod.VOCAB_BLOCK), n_dev, 0, order, HEAD_CHUNK_ELEMENTS),
+                             default_chunk_size(1, 1, n_dev, inter, order, HEAD_MODEL_ELEMENTS))
         else:
             inter = largest_intermediate(steered.fn, cast_floats(steered.params, dtype), dtype)
             chunk_size = default_chunk_size(M, V, n_dev, inter, order)
