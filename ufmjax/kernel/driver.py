@@ -32,7 +32,8 @@ from ufmjax.common import cast_floats
 from ufmjax.kernel import affine
 from ufmjax.kernel import head as head_mod
 from ufmjax.kernel.grid import PREFIXES, QUANTITIES, Grid, check_alphas, check_order, is_auto, resolve_top_k
-from ufmjax.kernel.measure import Measure, Reference, make_measure, output_shape, reference_fn, traced
+from ufmjax.kernel.measure import (Measure, Reference, logits_at_zero, make_measure, output_shape,
+                                   reference_fn, reference_from_logits, traced)
 from ufmjax.kernel.series import CALLS
 from ufmjax.kernel.taylor import jvp_chunk_fn, taylor_chunk_fn
 from ufmjax.steering import Steered
@@ -512,17 +513,21 @@ def sweep(steered: Steered, alphas, *, concept_of=None, ce_target=None, weights=
         if concept_of is None:
             raise ValueError("sweep needs concept_of (or a measure)")
         tokens = auto_tokens(steered, alphas, tokens, dtype)
+        logits0 = logits_at_zero(steered, dtype)  # once, for the CE target and the reference
         measure = make_measure(steered, concept_of=concept_of, ce_target=ce_target, weights=weights,
-                               tokens=tokens, dtype=dtype)
+                               tokens=tokens, dtype=dtype, logits0=logits0)
+        reference = reference_from_logits(logits0, measure)
         # The weights as given (float64), not as rounded into the measure's dtype.
         weights64 = (np.full(measure.num_rows, 1.0 / measure.num_rows) if weights is None
                      else np.asarray(weights, np.float64))
     elif any(x is not None for x in (concept_of, ce_target, weights)) or not (tokens is None or is_auto(tokens)):
         raise ValueError("give either measure or concept_of/ce_target/weights/tokens, not both")
+    else:
+        reference = None
     plan = plan_sweep(steered, alphas, measure, derivatives=derivatives, chunk_size=chunk_size, dtype=dtype,
                       devices=devices, method=method)
     evaluator = Evaluator(steered, measure, order=plan.order, method=plan.method, dtype=dtype,
-                          devices=plan.devices, alphas_per_call=plan.chunk_size)
+                          devices=plan.devices, alphas_per_call=plan.chunk_size, reference=reference)
     out = drive(evaluator, plan, sink, progress)
     out.update(alphas=plan.alphas, tokens=np.asarray(measure.tokens_K).astype(np.int64),
                concept_of=np.argmax(np.asarray(measure.onehot_VxG), axis=1).astype(np.int64),
