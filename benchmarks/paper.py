@@ -119,9 +119,9 @@ class TorchPaper:
         return y0, (yp - ym) / (2 * h), (yp - 2 * y0 + ym) / (h * h)
 
 
-def matmul_rate(rounds: int = 5, n: int | None = None) -> float:
-    """This machine's float32 matrix-product rate in GFLOP/s (jax, an n x n product, best round;
-    n = 1536 on a CPU, 8192 on an accelerator)."""
+def matmul_probe(n: int | None = None):
+    """(call, flops): one float32 n x n matrix product in jax, compiled and warmed up (n = 1536
+    on a CPU, 8192 on an accelerator), to time beside the kernel."""
     import jax
     import jax.numpy as jnp
 
@@ -129,9 +129,15 @@ def matmul_rate(rounds: int = 5, n: int | None = None) -> float:
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
     f = jax.jit(lambda x: x @ x)
     jax.block_until_ready(f(a))
+    return (lambda: jax.block_until_ready(f(a))), 2.0 * n ** 3
+
+
+def matmul_rate(rounds: int = 5, n: int | None = None) -> float:
+    """This machine's float32 matrix-product rate in GFLOP/s (`matmul_probe`, best round)."""
+    call, flops = matmul_probe(n)
     best = float("inf")
     for _ in range(rounds):
         t0 = time.perf_counter()
-        jax.block_until_ready(f(a))
+        call()
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best / 1e9
+    return flops / best / 1e9
