@@ -48,11 +48,9 @@ MAX_CHUNK = 512
 # and 128 alphas: values 0.16-0.18 ms per (alpha x prompt) at 64-128 a chunk (2^19-2^20) against
 # 0.25 at 16; both derivatives 0.48-0.49 at 32-64 (2^20) against 0.61 at 128 and 0.58 at 16.
 HEAD_CHUNK_ELEMENTS = 1 << 20
-# ... and its model part's largest per-alpha array times the streams near 2^22 elements: with
-# every position steered (the [B, T, 4 D] MLP activations the largest), measured there at 16
-# alphas: values 2.2 ms per (alpha x prompt) at 8-16 a chunk against 2.4 at 4 and 2.9 at 2;
-# both derivatives 8.4 at 2 and 8 against 9.4 at 1 (2^21 gave 5 and 1).
-HEAD_MODEL_ELEMENTS = 1 << 22
+# Its model part keeps CHUNK_ELEMENTS: 2^22 ran 5-10% faster with every position steered on the
+# GPT-2-sized model (4 prompts) but 1.7x SLOWER on the small GPT of `bench --sections gpt`
+# (16 prompts x 64 positions, width 64: chunks of 16 and 5 alphas against 8 and 2).
 METHODS = ("auto", "affine", "head", "taylor", "jvp")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
@@ -411,7 +409,7 @@ def plan_sweep(steered: Steered, alphas, measure: Measure, *, derivatives: int, 
             hidden = steering.head_of(steered.fn).hidden
             inter = largest_intermediate(hidden, cast_floats(steered.params, dtype), dtype)
             chunk_size = min(default_chunk_size(M, min(V, head_mod.VOCAB_BLOCK), n_dev, 0, order, HEAD_CHUNK_ELEMENTS),
-                             default_chunk_size(1, 1, n_dev, inter, order, HEAD_MODEL_ELEMENTS))
+                             default_chunk_size(1, 1, n_dev, inter, order))
         else:
             inter = largest_intermediate(steered.fn, cast_floats(steered.params, dtype), dtype)
             chunk_size = default_chunk_size(M, V, n_dev, inter, order)
