@@ -1,4 +1,5 @@
 import dataclasses
+import gc
 import os
 import tempfile
 
@@ -15,6 +16,21 @@ from ufmjax.runs import load_run, train_ufm_run
 # child) is read back by the next that builds the same one.
 os.environ.setdefault("UFMJAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="ufmjax-tests-jax-cache-"))
 enable_compile_cache()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Drop every compiled program when a test module ends.
+
+    Each XLA CPU executable holds a few memory mappings of its JIT code, and jit caches keep
+    every executable alive: the whole suite compiled thousands of programs in one process and
+    reached Linux's default limit of 65,530 mappings (vm.max_map_count) about 70% of the way
+    through, where the next compilation aborted or segfaulted inside XLA (CI, stop 18; seen
+    again here with /proc/PID/maps at 64,621 lines just before the abort). A module that needs
+    a program again recompiles it, or reads it from the persistent cache above."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
