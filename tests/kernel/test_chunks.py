@@ -3,7 +3,10 @@
 import jax.numpy as jnp
 import numpy as np
 
+from ufmjax import steering
 from ufmjax.kernel import default_chunk_size, largest_intermediate
+from ufmjax.kernel.driver import WEIGHT_ROWS, plan_sweep, weight_rows
+from ufmjax.kernel.measure import make_measure
 from ufmjax.models import gpt
 
 
@@ -57,3 +60,45 @@ def test_a_loop_carry_that_picks_alpha_up_inside_counts():
 
     p = jnp.ones(8)
     assert largest_intermediate(fn, p, jnp.float32) == largest_intermediate(unrolled, p, jnp.float32) == 512
+
+
+
+def test_weight_rows_raise_the_model_chunk_when_few_rows_see_each_weight():
+    """weight_rows counts the rows one alpha sends through the largest product with a constant
+    operand: the one block after the cut runs its MLP ([D, 4D], the largest weight) on each
+    prompt's last position alone, 2 rows (its qkv weight [D, 3D] sees B * T = 12); a bare
+    product with a [5, 7] matrix sees the moving operand's 3 rows; no product, none."""
+    st = _closure("all", vocab=40, width=16, prompts=2, T=6)
+    assert weight_rows(steering.head_of(st.fn).hidden, st.params, jnp.float32) == 2
+    W = jnp.ones((5, 7))
+    assert weight_rows(lambda p, a: (a * jnp.ones((3, 5))) @ p, W, jnp.float32) == 3
+    assert weight_rows(lambda p, a: a * p, W, jnp.float32) == 0
+
+
+def test_a_head_sweep_with_few_rows_per_weight_gets_a_larger_chunk():
+    """A head closure with 256 rows and a [256, 1024] intermediate: the element count alone
+    gives 2^21 // (3 * 262,144) = 2 alphas with both derivatives; 2,048 rows per weight read
+    need 8, within 2^23 elements of intermediates (10) and under the vocabulary block's bound
+    (2^20 // (3 * 256 * 32) = 42): 8. With 2,048 rows per alpha the element count's 2 stays."""
+    def chunk(rows):
+        rng = np.random.default_rng(0)
+        width = 2 ** 18 // rows
+        params = {"x": jnp.asarray(rng.normal(size=(rows, 64)), jnp.float32),
+                  "v": jnp.ones(64, jnp.float32), "w1": jnp.ones((64, width), jnp.float32) / 64,
+                  "w2": jnp.ones((width, 64), jnp.float32) / width, "W": jnp.ones((32, 64), jnp.float32)}
+
+        def hidden(p, a):
+            return jnp.tanh((p["x"] + a * p["v"]) @ p["w1"]) @ p["w2"]
+
+        def fn(p, a):
+            return steering.head_logits(steering.Unembedding(p["W"]), hidden(p, a))
+
+        steering.register_head(fn, hidden, lambda p: steering.Unembedding(p["W"]))
+        st = steering.Steered(fn, params)
+        measure = make_measure(st, concept_of=np.arange(32) % 3, tokens=np.arange(4))
+        return plan_sweep(st, np.linspace(-1, 1, 64), measure, derivatives=2, chunk_size=None,
+                          dtype=jnp.float32, devices=None, method="head").chunk_size
+
+    assert WEIGHT_ROWS == 2048
+    assert chunk(256) == 8
+    assert chunk(2048) == 2
