@@ -231,7 +231,6 @@ def head_quantities(sums: Sums, tok_SxMxK, label_SxM, ref: Reference, ms: Measur
     mu = lambda k: sums.A[:, ix[key(k)]] * inv  # noqa: E731
     conc = lambda k: sums.Ac[:, ic[key(k)]] * inv[:, None]  # noqa: E731
     tsum = lambda k: sums.At[:, it[key(k)]]  # noqa: E731
-    xs = sums.anchor[:, 0]
     col = (0, 2, 3)  # the base variable of stream s: x, x', x''
     b_tok = [tok_SxMxK[s] - sums.anchor[:, col[s], None] for s in range(order + 1)]
     b_lab = None if label_SxM is None else [label_SxM[s] - sums.anchor[:, col[s]] for s in range(order + 1)]
