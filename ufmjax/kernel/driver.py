@@ -153,14 +153,15 @@ def largest_intermediate(fn, params, dtype) -> int:
 
 
 def weight_rows(fn, params, dtype) -> int:
-    """Rows one alpha sends through the closure's largest product with a constant weight
-    (the moving operand's elements over its contracted ones; 0 when there is none).
+    """Rows one alpha sends through the closure's largest product with a constant operand (a
+    weight, or a cached key block): the moving operand's elements over its contracted ones;
+    0 when there is no such product.
 
-    Each chunk reads every weight once per stream: with every position steered a GPT-2-sized
-    block sees M * T = 256 rows per alpha, and a chunk of one alpha (what the element count
-    gives with derivatives) spent about a third of its time re-reading weights (measured
-    side by side at 50,257 x 384, 6 layers: 12.2 ms per alpha x prompt at 1 alpha a chunk,
-    9.4 at 3, 8.2 at 8)."""
+    Each chunk reads every such operand once per stream: with every position steered a
+    GPT-2-sized block sees M * T = 256 rows per alpha, and a chunk of one alpha (what the
+    element count gives with derivatives) ran a third slower than eight (measured side by side
+    at 50,257 x 384, 6 layers: 12.2 ms per alpha x prompt at 1 alpha a chunk, 9.4 at 3, 8.2
+    at 8)."""
     def compute():
         flat, tree = jax.tree_util.tree_flatten((params, jnp.zeros((), dtype)))
         closed = jax.make_jaxpr(lambda *leaves: fn(*jax.tree_util.tree_unflatten(tree, leaves)))(*flat)
@@ -454,9 +455,10 @@ def plan_sweep(steered: Steered, alphas, measure: Measure, *, derivatives: int, 
             chunk_size = affine.default_affine_chunk_size(V, n_dev)
         elif method == "head":  # the logits are only ever one block [M, Vb] per alpha
             hidden = steering.head_of(steered.fn).hidden
-            inter = largest_intermediate(hidden, cast_floats(steered.params, dtype), dtype)
+            params = cast_floats(steered.params, dtype)
+            inter = largest_intermediate(hidden, params, dtype)
             model = default_chunk_size(1, 1, n_dev, inter, order)
-            rows = weight_rows(hidden, cast_floats(steered.params, dtype), dtype)
+            rows = weight_rows(hidden, params, dtype)
             if rows:  # enough rows per weight read, within MAX_CHUNK_ELEMENTS of intermediates
                 by_rows = -(-WEIGHT_ROWS // rows) * n_dev
                 model = max(model, min(by_rows, default_chunk_size(1, 1, n_dev, inter, order, MAX_CHUNK_ELEMENTS)))
