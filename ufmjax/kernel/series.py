@@ -71,8 +71,6 @@ class Plan:
         self.ii = tuple(int(i) for i, _ in pairs)
         self.jj = tuple(int(j) for _, j in pairs)
         self.second = len(pairs) > 0
-        # Every pair (i, i): D^2 f[a, b] of a bilinear f is then 2 f(a_1, a_2), one product.
-        self.diagonal = all(i == j for i, j in pairs)
 
 
 def _eqn_series(eqn, args, series, plan: Plan):
