@@ -62,8 +62,7 @@ def test_a_loop_carry_that_picks_alpha_up_inside_counts():
     assert largest_intermediate(fn, p, jnp.float32) == largest_intermediate(unrolled, p, jnp.float32) == 512
 
 
-
-def test_weight_rows_raise_the_model_chunk_when_few_rows_see_each_weight():
+def test_weight_rows_count_the_rows_through_the_largest_constant_product():
     """weight_rows counts the rows one alpha sends through the largest product with a constant
     operand: the one block after the cut runs its MLP ([D, 4D], the largest weight) on each
     prompt's last position alone, 2 rows (its qkv weight [D, 3D] sees B * T = 12); a bare
