@@ -5,7 +5,7 @@ import numpy as np
 
 from ufmjax import steering
 from ufmjax.kernel import default_chunk_size, largest_intermediate
-from ufmjax.kernel.driver import WEIGHT_ROWS, plan_sweep, weight_rows
+from ufmjax.kernel.driver import WEIGHT_ROWS, balanced_chunk, plan_sweep, weight_rows
 from ufmjax.kernel.measure import make_measure
 from ufmjax.models import gpt
 
@@ -74,12 +74,14 @@ def test_weight_rows_count_the_rows_through_the_largest_constant_product():
     assert weight_rows(lambda p, a: a * p, W, jnp.float32) == 0
 
 
-def test_a_head_sweep_with_few_rows_per_weight_gets_a_larger_chunk():
-    """A head closure with 256 rows and a [256, 1024] intermediate: the element count alone
-    gives 2^21 // (3 * 262,144) = 2 alphas with both derivatives; 2,048 rows per weight read
-    need 8, within 2^23 elements of intermediates (10) and under the vocabulary block's bound
-    (2^20 // (3 * 256 * 32) = 42): 8. With 2,048 rows per alpha the element count's 2 stays."""
-    def chunk(rows):
+def test_a_head_sweep_batches_its_model_part_apart_from_the_vocabulary_walk():
+    """A head closure with 256 rows and a [256, 1024] intermediate. The chunk (alphas per call)
+    is the vocabulary walk's: 2^20 // (3 * 256 * 32) = 42 alphas with both derivatives, cut
+    evenly to 32 for a grid of 64 (42 would compute 84). The model part goes in batches: the
+    element count alone gives 2^21 // (3 * 262,144) = 2 alphas; 2,048 rows per weight read need
+    8, within 2^23 elements of intermediates (10): 8. With 2,048 rows per alpha the element
+    count's 2 stays, and the chunk is 2^20 // (3 * 2048 * 32) = 5."""
+    def plan(rows):
         rng = np.random.default_rng(0)
         width = 2 ** 18 // rows
         params = {"x": jnp.asarray(rng.normal(size=(rows, 64)), jnp.float32),
@@ -95,9 +97,26 @@ def test_a_head_sweep_with_few_rows_per_weight_gets_a_larger_chunk():
         steering.register_head(fn, hidden, lambda p: steering.Unembedding(p["W"]))
         st = steering.Steered(fn, params)
         measure = make_measure(st, concept_of=np.arange(32) % 3, tokens=np.arange(4))
-        return plan_sweep(st, np.linspace(-1, 1, 64), measure, derivatives=2, chunk_size=None,
-                          dtype=jnp.float32, devices=None, method="head").chunk_size
+        p = plan_sweep(st, np.linspace(-1, 1, 64), measure, derivatives=2, chunk_size=None,
+                       dtype=jnp.float32, devices=None, method="head")
+        return p.chunk_size, p.model_batch
 
     assert WEIGHT_ROWS == 2048
-    assert chunk(256) == 8
-    assert chunk(2048) == 2
+    assert plan(256) == (32, 8)
+    assert plan(2048) == (5, 2)
+
+
+def test_balanced_chunks_cut_the_grid_evenly():
+    """At most the cap, as few chunks as the cap allows, the padding of the last one minimal
+    (up to rounding to an eighth of a power of two); per device when there are several."""
+    assert balanced_chunk(64, 42, 1) == 32        # 2 chunks of 32, not 42 + 42 (20 padded)
+    assert balanced_chunk(64, 7, 1) == 7          # 10 chunks are needed either way
+    assert balanced_chunk(70, 42, 1) == 40        # 35 rounded up to an eighth of 64
+    assert balanced_chunk(1000, 42, 1) == 42      # rounding never passes the cap
+    assert balanced_chunk(5, 42, 1) == 5          # a short grid: one chunk that holds it
+    assert balanced_chunk(9, 64, 1) == 10         # ... rounded to an eighth of 16
+    assert balanced_chunk(64, 42, 2) == 32        # 32 per device, cap 21: 2 chunks of 16 each
+    for A in range(1, 300):
+        for cap in (1, 3, 7, 16, 42, 64):
+            C = balanced_chunk(A, cap, 1)
+            assert 1 <= C <= cap and -(-A // C) == -(-A // cap), (A, cap, C)

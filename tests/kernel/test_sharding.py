@@ -70,6 +70,16 @@ CHILD = textwrap.dedent(r'''
     out = ev.chunk(chunk)[0]["kl"]
     report["shards"] = len(out.sharding.device_set)
 
+    # The head path with its model part in batches (`model_batch`): each device takes its 4 of
+    # the chunk's 32 alphas 2 at a time, the vocabulary walk all 4; the same as one device.
+    gms = kernel.make_measure(gpt, concept_of=gpt_concepts, dtype=jnp.float64)
+    at = np.linspace(-5, 5, 32)
+    batched = kernel.Evaluator(gpt, gms, order=2, method="head", dtype=jnp.float64, model_batch=2)
+    spread = batched.chunk(jax.device_put(jnp.asarray(at), batched.alpha_sharding))
+    whole = kernel.Evaluator(gpt, gms, order=2, method="head", dtype=jnp.float64, devices=one).at(at)
+    compare("head/model_batch/float64", {p + k: v for p, tree in zip(("", "d_", "d2_"), spread)
+                                         for k, v in tree.items()}, whole)
+
     # No recompilation on 8 devices either: other alpha values and another model, same shapes.
     sweep(ufm, np.linspace(-3, 3, 61), concept_of=concept_of)
     before = kernel.trace_count()

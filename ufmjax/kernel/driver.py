@@ -289,11 +289,12 @@ class Evaluator:
 
     def __init__(self, steered: Steered, measure: Measure, *, order: int = 2, method: str = "auto",
                  dtype=jnp.float32, devices=None, reference: Reference | None = None, alphas_per_call: int = 1,
-                 quantities=None):
+                 quantities=None, model_batch: int | None = None):
         self.dtype = check_dtype(dtype)
         self.order = check_order(order)
         self.fn = steered.fn
         self.quantities = check_quantities(quantities)
+        self.model_batch = model_batch
         self.model_mesh = model_mesh(steered.params)
         self.method = resolve_method(self.fn, method, measure.num_concepts, self.model_mesh is not None)
         if self.model_mesh is not None:  # the model is sharded: its mesh carries the alphas too
@@ -331,7 +332,8 @@ class Evaluator:
             fn = affine.affine_chunk_fn(order, self.row_block, self.quantities, self.point)
             return fn(alphas_C, self.parts, self.affine_reference, self.measure)
         if self.method == "head":
-            fn = head_mod.head_chunk_fn(self.fn, order, self.quantities)
+            fn = head_mod.head_chunk_fn(self.fn, order, self.quantities, head_mod.VOCAB_BLOCK, self.model_batch,
+                                        self.alpha_sharding.mesh.shape["alpha"])
         else:
             fn = (jvp_chunk_fn if self.method == "jvp" else taylor_chunk_fn)(self.fn, order, self.quantities)
         return fn(alphas_C, self.params, self.reference, self.measure)
@@ -407,6 +409,7 @@ class SweepPlan:
     dtype: jnp.dtype
     devices: tuple
     chunk_size: int
+    model_batch: int | None = None  # head path: alphas per device the model part takes at a time
 
     @property
     def num_chunks(self) -> int:
@@ -435,36 +438,58 @@ def plan_sweep(steered: Steered, alphas, measure: Measure, *, derivatives: int, 
     else:
         devices = check_devices(devices)
         n_dev = len(devices)
+    model_batch = None
+    if method == "head":
+        model_batch = model_batch_size(steering.head_of(steered.fn).hidden, cast_floats(steered.params, dtype),
+                                       dtype, order)
     if chunk_size is None:
         M, V = measure.num_rows, int(measure.onehot_VxG.shape[0])
         if method == "affine":
             chunk_size = affine.default_affine_chunk_size(V, n_dev)
         elif method == "head":  # the logits are only ever one block [M, Vb] per alpha
-            hidden = steering.head_of(steered.fn).hidden
-            params = cast_floats(steered.params, dtype)
-            inter = largest_intermediate(hidden, params, dtype)
-            model = default_chunk_size(1, 1, n_dev, inter, order)
-            rows = weight_rows(hidden, params, dtype)
-            if rows:  # enough rows per weight read, within MAX_CHUNK_ELEMENTS of intermediates
-                by_rows = -(-WEIGHT_ROWS // rows) * n_dev
-                model = max(model, min(by_rows, default_chunk_size(1, 1, n_dev, inter, order, MAX_CHUNK_ELEMENTS)))
-            chunk_size = min(default_chunk_size(M, min(V, head_mod.VOCAB_BLOCK), n_dev, 0, order, HEAD_CHUNK_ELEMENTS),
-                             model)
+            chunk_size = default_chunk_size(M, min(V, head_mod.VOCAB_BLOCK), n_dev, 0, order, HEAD_CHUNK_ELEMENTS)
         else:
             inter = largest_intermediate(steered.fn, cast_floats(steered.params, dtype), dtype)
             chunk_size = default_chunk_size(M, V, n_dev, inter, order)
-        # A short grid gets a chunk that just holds it (rounded up to an eighth of a power of
-        # two: at most 8 compiled shapes per octave of grid lengths), not a long padded one.
-        per_device = -(-alphas.size // n_dev)
-        granule = max(1, (1 << (per_device - 1).bit_length()) // 8)
-        chunk_size = min(chunk_size, -(-per_device // granule) * granule * n_dev)
+        chunk_size = balanced_chunk(alphas.size, chunk_size, n_dev)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     # A chunk longer than the grid would only compute padding (a --chunk-size of 1e8 padded
     # 41 alphas to 1e8 and ran for ever): at most the grid, rounded up to the devices.
     chunk_size = min(int(chunk_size), -(-alphas.size // n_dev) * n_dev)
     chunk_size = int(-(-chunk_size // n_dev) * n_dev)
-    return SweepPlan(alphas, order, method, jnp.dtype(dtype), devices, chunk_size)
+    if model_batch is not None and model_batch >= chunk_size // n_dev:
+        model_batch = None  # the model part takes the whole chunk anyway
+    return SweepPlan(alphas, order, method, jnp.dtype(dtype), devices, chunk_size, model_batch)
+
+
+def balanced_chunk(num_alphas: int, chunk_size: int, n_dev: int) -> int:
+    """A chunk of at most `chunk_size` alphas that cuts the grid into that many chunks evenly.
+
+    The last chunk is padded with the grid's last alpha, so a chunk of 42 for 64 alphas
+    computed 84 (a quarter of the work thrown away) where two of 32 compute 64. The chunk is
+    rounded up to an eighth of a power of two, so any grid length compiles at most 8 shapes
+    per octave (a short grid gets a chunk that just holds it, not a long padded one).
+    """
+    per_device = -(-num_alphas // n_dev)
+    cap = max(1, chunk_size // n_dev)
+    even = -(-per_device // -(-per_device // cap))
+    granule = max(1, (1 << (even - 1).bit_length()) // 8)
+    return min(-(-even // granule) * granule, cap) * n_dev
+
+
+def model_batch_size(hidden, params, dtype, order: int) -> int:
+    """Alphas the model part of a head closure takes at a time (per device).
+
+    The element count (`default_chunk_size`), raised until the largest product with a
+    constant operand sees WEIGHT_ROWS rows per read, while the largest intermediate stays
+    within MAX_CHUNK_ELEMENTS."""
+    inter = largest_intermediate(hidden, params, dtype)
+    batch = default_chunk_size(1, 1, 1, inter, order)
+    rows = weight_rows(hidden, params, dtype)
+    if rows:
+        batch = max(batch, min(-(-WEIGHT_ROWS // rows), default_chunk_size(1, 1, 1, inter, order, MAX_CHUNK_ELEMENTS)))
+    return batch
 
 
 class ArraySink(dict):
@@ -565,7 +590,8 @@ def sweep(steered: Steered, alphas, *, concept_of=None, ce_target=None, weights=
     plan = plan_sweep(steered, alphas, measure, derivatives=derivatives, chunk_size=chunk_size, dtype=dtype,
                       devices=devices, method=method)
     evaluator = Evaluator(steered, measure, order=plan.order, method=plan.method, dtype=dtype,
-                          devices=plan.devices, alphas_per_call=plan.chunk_size, reference=reference)
+                          devices=plan.devices, alphas_per_call=plan.chunk_size, reference=reference,
+                          model_batch=plan.model_batch)
     out = drive(evaluator, plan, sink, progress)
     out.update(alphas=plan.alphas, tokens=np.asarray(measure.tokens_K).astype(np.int64),
                concept_of=np.argmax(np.asarray(measure.onehot_VxG), axis=1).astype(np.int64),

@@ -36,7 +36,7 @@ from flax import struct
 
 from ufmjax import steering
 from ufmjax.kernel.measure import Measure, Reference
-from ufmjax.kernel.taylor import closure_jets, vmapped_chunk
+from ufmjax.kernel.taylor import closure_jets, count_trace, select, vmapped_chunk
 
 # Tokens of one vocabulary block: [C, S, M, Vb] of logit series per step.
 VOCAB_BLOCK = 2048
@@ -295,22 +295,57 @@ def head_quantities(sums: Sums, tok_SxMxK, label_SxM, ref: Reference, ms: Measur
 def head_point(head: steering.Head, params, alpha, ref: Reference, ms: Measure, order: int,
                block: int = VOCAB_BLOCK):
     """Every quantity at one alpha of a head-declared closure, with `order` derivatives."""
-    h = jnp.stack(closure_jets(head.hidden, params, alpha, order))   # [S, M, D]
+    return head_from_hidden(head, params, hidden_series(head, params, alpha, order), ref, ms, order, block)
+
+
+def hidden_series(head: steering.Head, params, alpha, order: int):
+    """The series of the final hidden state at one alpha ([S, M, D])."""
+    return jnp.stack(closure_jets(head.hidden, params, alpha, order))
+
+
+def head_from_hidden(head: steering.Head, params, h_SxMxD, ref: Reference, ms: Measure, order: int,
+                     block: int = VOCAB_BLOCK):
+    """Every quantity from the series of the final hidden state (one alpha)."""
     unemb = head.unembedding(params)
-    sums = vocab_sums(unemb, h, ref, ms, order, block)
-    tok = _logits_at(unemb, h, ms.tokens_K)
-    label = _label_logits(unemb, h, ms.targets) if ms.label_targets else None
+    sums = vocab_sums(unemb, h_SxMxD, ref, ms, order, block)
+    tok = _logits_at(unemb, h_SxMxD, ms.tokens_K)
+    label = _label_logits(unemb, h_SxMxD, ms.targets) if ms.label_targets else None
     return head_quantities(sums, tok, label, ref, ms, order)
 
 
 @functools.lru_cache(maxsize=64)
-def head_chunk_fn(fn, order: int, names: tuple | None = None, block: int = VOCAB_BLOCK):
-    """jit(vmap(point)) of a head-declared closure: values and `order` derivatives (of `names`)."""
+def head_chunk_fn(fn, order: int, names: tuple | None = None, block: int = VOCAB_BLOCK,
+                  model_batch: int | None = None, groups: int = 1):
+    """jit(vmap(point)) of a head-declared closure: values and `order` derivatives (of `names`).
+
+    `model_batch`: alphas the model part takes at a time (`jax.lax.map` over the chunk) while
+    the vocabulary walk takes the whole chunk. The two want different sizes: the model's
+    series intermediates ([S, B, T, 4 D] per alpha with every position steered) fall out of
+    cache past a few alphas, while each step of the vocabulary walk over a handful of rows
+    is too small to pay for itself below a few dozen. None: the whole chunk at once.
+    `groups`: the devices the chunk's alphas are split over; each takes its own share in
+    batches (the chunk is viewed as [groups, C / groups], so no batch straddles two devices).
+    """
     head = steering.head_of(fn)
     if head is None:
         raise ValueError("method 'head' needs a closure declared with steering.register_head")
 
-    def point(alpha, params, ref, ms):
-        return head_point(head, params, alpha, ref, ms, order, block)
+    if model_batch is None:
+        def point(alpha, params, ref, ms):
+            return head_point(head, params, alpha, ref, ms, order, block)
 
-    return vmapped_chunk(point, names)
+        return vmapped_chunk(point, names)
+
+    def chunk(alphas_C, params, ref, ms):
+        count_trace()
+        one = functools.partial(hidden_series, head, params, order=order)
+        per_group = alphas_C.reshape(groups, -1)
+        if per_group.shape[1] > model_batch:
+            h = jax.vmap(lambda a: jax.lax.map(one, a, batch_size=model_batch))(per_group)
+        else:
+            h = jax.vmap(jax.vmap(one))(per_group)
+        h = h.reshape((alphas_C.shape[0],) + h.shape[2:])
+        out = jax.vmap(lambda h_SxMxD: head_from_hidden(head, params, h_SxMxD, ref, ms, order, block))(h)
+        return select(out, names)
+
+    return jax.jit(chunk)
