@@ -36,7 +36,7 @@ from flax import struct
 
 from ufmjax import steering
 from ufmjax.kernel.measure import Measure, Reference
-from ufmjax.kernel.taylor import closure_jets, count_trace, select, vmapped_chunk
+from ufmjax.kernel.taylor import closure_jets, count_trace, select
 
 # Tokens of one vocabulary block: [C, S, M, Vb] of logit series per step.
 VOCAB_BLOCK = 2048
@@ -292,12 +292,6 @@ def head_quantities(sums: Sums, tok_SxMxK, label_SxM, ref: Reference, ms: Measur
     return tuple(out)
 
 
-def head_point(head: steering.Head, params, alpha, ref: Reference, ms: Measure, order: int,
-               block: int = VOCAB_BLOCK):
-    """Every quantity at one alpha of a head-declared closure, with `order` derivatives."""
-    return head_from_hidden(head, params, hidden_series(head, params, alpha, order), ref, ms, order, block)
-
-
 def hidden_series(head: steering.Head, params, alpha, order: int):
     """The series of the final hidden state at one alpha ([S, M, D])."""
     return jnp.stack(closure_jets(head.hidden, params, alpha, order))
@@ -316,7 +310,7 @@ def head_from_hidden(head: steering.Head, params, h_SxMxD, ref: Reference, ms: M
 @functools.lru_cache(maxsize=64)
 def head_chunk_fn(fn, order: int, names: tuple | None = None, block: int = VOCAB_BLOCK,
                   model_batch: int | None = None, groups: int = 1):
-    """jit(vmap(point)) of a head-declared closure: values and `order` derivatives (of `names`).
+    """The jitted chunk of a head-declared closure: values and `order` derivatives (of `names`).
 
     `model_batch`: alphas the model part takes at a time (`jax.lax.map` over the chunk) while
     the vocabulary walk takes the whole chunk. The two want different sizes: the model's
@@ -330,17 +324,11 @@ def head_chunk_fn(fn, order: int, names: tuple | None = None, block: int = VOCAB
     if head is None:
         raise ValueError("method 'head' needs a closure declared with steering.register_head")
 
-    if model_batch is None:
-        def point(alpha, params, ref, ms):
-            return head_point(head, params, alpha, ref, ms, order, block)
-
-        return vmapped_chunk(point, names)
-
     def chunk(alphas_C, params, ref, ms):
         count_trace()
         one = functools.partial(hidden_series, head, params, order=order)
         per_group = alphas_C.reshape(groups, -1)
-        if per_group.shape[1] > model_batch:
+        if model_batch is not None and per_group.shape[1] > model_batch:
             h = jax.vmap(lambda a: jax.lax.map(one, a, batch_size=model_batch))(per_group)
         else:
             h = jax.vmap(jax.vmap(one))(per_group)
