@@ -188,6 +188,7 @@ def test_float32_within_documented_tolerance_of_float64():
     assert sec.rows and all(r.met for r in sec.rows), [(r.name, r.value) for r in sec.rows]
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_every_section(tmp_path):
     """`ufmjax bench --quick` runs every section and writes a report with finite ratios."""
     assert main(["bench", "--quick", "--quiet", "--out", str(tmp_path)]) == 0

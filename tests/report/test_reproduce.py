@@ -6,6 +6,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 from ufmjax.cli import main
 from ufmjax.report.reproduce import Section, gpt_concept_section, reproduce
 from ufmjax.runs.progress import Progress
@@ -20,6 +22,7 @@ class _Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.slow
 def test_reproduce_quick_passes_every_law(tmp_path, capsys, monkeypatch):
     out = tmp_path / "rep"
     assert main(["reproduce", "--out", str(out), "--quick", "--quiet"]) == 0

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ufmjax.cli import main
 from ufmjax.data.concept_tokens import concept_files
@@ -11,6 +12,7 @@ from ufmjax.data.concept_tokens import concept_files
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "hf" / "gpt2"
 
 
+@pytest.mark.slow
 def test_reproduce_hf_writes_the_law_table_figures_and_sweeps(tmp_path, capsys):
     words = tmp_path / "words.txt"
     words.write_text("river\nwater\nstones\nvalley\n")  # words of the fixture tokenizer's prose
