@@ -856,6 +856,7 @@ def section_paper(sz: dict, rounds: int) -> Section:
     import jax.numpy as jnp
 
     from ufmjax.kernel import closure_jets, sweep, top_tokens
+    from ufmjax.kernel.driver import WEIGHT_ROWS
     from ufmjax.models.hf import load_decoder, steered_closure
 
     spec = importlib.util.spec_from_file_location("ufmjax_paper_bench", Path(__file__).with_name("paper.py"))
@@ -891,6 +892,8 @@ def section_paper(sz: dict, rounds: int) -> Section:
             # rate of the moment, not of the section's start, is what a share divides by.
             probe, probe_flops = paper.matmul_probe()
             fns = {"values": lambda: ours(0), "derivatives": lambda: ours(2), "matmul": probe}
+            if positions == "all":  # the three-stream floor, at the rows one model batch of values sees
+                fns["one stream"], fns["three streams"] = paper.stream_probe(WEIGHT_ROWS, D)
             if torch_paper is not None:
                 fns["paper values"] = lambda: torch_paper.logits(prompts, v, layer, alphas, positions)
                 fns["paper central differences"] = lambda: torch_paper.central_differences(
@@ -918,6 +921,11 @@ def section_paper(sz: dict, rounds: int) -> Section:
             s.rows.append(Row(f"{where}: ufmjax values + 1st + 2nd / values", t["derivatives"] / t["values"],
                               "x", f"<= {TARGET_SERIES}", _at_most(t["derivatives"] / t["values"], TARGET_SERIES),
                               note=f"arithmetic (XLA flop count) {f2 / f0:.2f}x"))
+            if positions == "all":
+                s.rows.append(Row("three independent streams of the model's MLP products / one stream (this "
+                                  "machine's floor for derivatives / values)", t["three streams"] / t["one stream"],
+                                  "x", note=f"[{WEIGHT_ROWS}, {D}] @ [{D}, {4 * D}], GELU, @ [{4 * D}, {D}] in "
+                                            "one program, timed in the same rounds"))
             if torch_paper is None:
                 continue
             vs, cd = t["paper values"] / t["values"], t["paper central differences"] / t["derivatives"]

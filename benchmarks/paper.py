@@ -132,6 +132,29 @@ def matmul_probe(n: int | None = None):
     return (lambda: jax.block_until_ready(f(a))), 2.0 * n ** 3
 
 
+def stream_probe(rows: int, width: int):
+    """(one, three): one stream of an MLP's products ([rows, D] @ [D, 4D], GELU, @ [4D, D]) and
+    three independent streams of the same shape in one program, compiled and warmed up. Three
+    streams of products are what a Taylor-series pass costs at least, so three / one is this
+    machine's floor for derivatives / values on a model made of such products (on a 2-core CPU
+    measured above 3: the three streams' intermediates do not stay in cache as one does)."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, rows, width), dtype=np.float32))
+    w1 = jnp.asarray(rng.standard_normal((4 * width, width), dtype=np.float32) / np.sqrt(width))
+    w2 = jnp.asarray(rng.standard_normal((width, 4 * width), dtype=np.float32) / np.sqrt(4 * width))
+
+    def mlp(x_RxD):
+        return jnp.einsum("rf,df->rd", jax.nn.gelu(jnp.einsum("rd,fd->rf", x_RxD, w1)), w2)
+
+    f1 = jax.jit(lambda x: mlp(x[0]))
+    f3 = jax.jit(lambda x: [mlp(x[i]) for i in range(3)])
+    jax.block_until_ready((f1(x), f3(x)))
+    return (lambda: jax.block_until_ready(f1(x))), (lambda: jax.block_until_ready(f3(x)))
+
+
 def matmul_rate(rounds: int = 5, n: int | None = None) -> float:
     """This machine's float32 matrix-product rate in GFLOP/s (`matmul_probe`, best round)."""
     call, flops = matmul_probe(n)

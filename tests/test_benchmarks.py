@@ -254,3 +254,20 @@ def test_paper_baseline_is_the_same_model():
             np.testing.assert_allclose(np.asarray(jets[0]), y, atol=2e-5 * np.abs(y).max())
             np.testing.assert_allclose(np.asarray(jets[1]), d1, atol=1e-3 * np.abs(d1).max())  # measured 1.5e-4
             np.testing.assert_allclose(np.asarray(jets[2]), d2, atol=2e-2 * np.abs(d2).max())  # measured 4e-3
+
+
+def test_stream_probe_runs_three_independent_streams_of_the_same_products():
+    """benchmarks/paper.py's three-stream floor: the three-stream program computes the one-stream
+    program's products on each of its three inputs (the first equal to one stream's, the others
+    different inputs, not copies)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("paper_bench", Path(bench.__file__).with_name("paper.py"))
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    one, three = paper.stream_probe(64, 16)
+    y1, y3 = np.asarray(one()), [np.asarray(y) for y in three()]
+    assert y1.shape == (64, 16) and [y.shape for y in y3] == [(64, 16)] * 3
+    np.testing.assert_allclose(y3[0], y1, rtol=1e-5, atol=1e-6)
+    assert np.abs(y3[1] - y3[0]).max() > 1e-2 and np.abs(y3[2] - y3[1]).max() > 1e-2
