@@ -438,10 +438,6 @@ def plan_sweep(steered: Steered, alphas, measure: Measure, *, derivatives: int, 
     else:
         devices = check_devices(devices)
         n_dev = len(devices)
-    model_batch = None
-    if method == "head":
-        model_batch = model_batch_size(steering.head_of(steered.fn).hidden, cast_floats(steered.params, dtype),
-                                       dtype, order)
     if chunk_size is None:
         M, V = measure.num_rows, int(measure.onehot_VxG.shape[0])
         if method == "affine":
@@ -458,8 +454,12 @@ def plan_sweep(steered: Steered, alphas, measure: Measure, *, derivatives: int, 
     # 41 alphas to 1e8 and ran for ever): at most the grid, rounded up to the devices.
     chunk_size = min(int(chunk_size), -(-alphas.size // n_dev) * n_dev)
     chunk_size = int(-(-chunk_size // n_dev) * n_dev)
-    if model_batch is not None and model_batch >= chunk_size // n_dev:
-        model_batch = None  # the model part takes the whole chunk anyway
+    model_batch = None  # head path: alphas per device the model part takes at a time (None: the whole chunk)
+    if method == "head":
+        model_batch = model_batch_size(steering.head_of(steered.fn).hidden, cast_floats(steered.params, dtype),
+                                       dtype, order)
+        if model_batch >= chunk_size // n_dev:
+            model_batch = None  # the model part takes the whole chunk anyway
     return SweepPlan(alphas, order, method, jnp.dtype(dtype), devices, chunk_size, model_batch)
 
 
