@@ -78,10 +78,11 @@ def test_a_head_sweep_batches_its_model_part_apart_from_the_vocabulary_walk():
     """A head closure with 256 rows and a [256, 1024] intermediate. The chunk (alphas per call)
     is the vocabulary walk's: 2^20 // (3 * 256 * 32) = 42 alphas with both derivatives, cut
     evenly to 32 for a grid of 64 (42 would compute 84). The model part goes in batches: the
-    element count alone gives 2^21 // (3 * 262,144) = 2 alphas; 2,048 rows per weight read need
-    8, within 2^23 elements of intermediates (10): 8. With 2,048 rows per alpha the element
-    count's 2 stays, and the chunk is 2^20 // (3 * 2048 * 32) = 5."""
-    def plan(rows):
+    element count alone gives 2^21 // (3 * 262,144) = 2 alphas; 2,048 rows per weight read
+    summed over the three streams (768 per alpha) need 3, within 2^23 elements of
+    intermediates (10): 3. With 2,048 rows per alpha the element count's 2 stays, and the chunk
+    is 2^20 // (3 * 2048 * 32) = 5. For values alone, one stream: 8 alphas of 256 rows."""
+    def plan(rows, order=2):
         rng = np.random.default_rng(0)
         width = 2 ** 18 // rows
         params = {"x": jnp.asarray(rng.normal(size=(rows, 64)), jnp.float32),
@@ -97,13 +98,14 @@ def test_a_head_sweep_batches_its_model_part_apart_from_the_vocabulary_walk():
         steering.register_head(fn, hidden, lambda p: steering.Unembedding(p["W"]))
         st = steering.Steered(fn, params)
         measure = make_measure(st, concept_of=np.arange(32) % 3, tokens=np.arange(4))
-        p = plan_sweep(st, np.linspace(-1, 1, 64), measure, derivatives=2, chunk_size=None,
+        p = plan_sweep(st, np.linspace(-1, 1, 64), measure, derivatives=order, chunk_size=None,
                        dtype=jnp.float32, devices=None, method="head")
         return p.chunk_size, p.model_batch
 
     assert WEIGHT_ROWS == 2048
-    assert plan(256) == (32, 8)
+    assert plan(256) == (32, 3)
     assert plan(2048) == (5, 2)
+    assert plan(256, order=0) == (64, 8)
 
 
 def test_balanced_chunks_cut_the_grid_evenly():

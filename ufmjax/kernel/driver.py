@@ -52,10 +52,13 @@ HEAD_CHUNK_ELEMENTS = 1 << 20
 # GPT-2-sized model (4 prompts) but 1.7x SLOWER on the small GPT of `bench --sections gpt`
 # (16 prompts x 64 positions, width 64: chunks of 16 and 5 alphas against 8 and 2).
 # What separates the two is how often a chunk re-reads the weights (`weight_rows`): the model
-# part's chunk is raised until its largest product with a weight sees WEIGHT_ROWS rows per
-# stream, while its largest intermediate stays within MAX_CHUNK_ELEMENTS. The small GPT has
-# 1,024 rows per alpha already and keeps its chunks; the GPT-2-sized one (256 rows) goes from
-# 1 to 7 alphas with both derivatives and from 5 to 8 for values.
+# part's chunk is raised until its largest product with a weight sees WEIGHT_ROWS rows summed
+# over the series' streams, while its largest intermediate stays within MAX_CHUNK_ELEMENTS.
+# The small GPT has 1,024 rows per alpha already and keeps its chunks; the GPT-2-sized one
+# (256 rows) goes from 1 to 3 alphas with both derivatives and from 5 to 8 for values.
+# Counting the rows of one stream only gave 7 alphas with both derivatives, 2.5-3.5% slower
+# than 3 in three side-by-side runs (all positions steered, 50,257 x 384, 6 layers: 3.38-3.41x
+# the values' time against 3.28-3.29x; 2 and 4 alphas 3.26-3.32x).
 WEIGHT_ROWS = 2048
 MAX_CHUNK_ELEMENTS = 1 << 23
 METHODS = ("auto", "affine", "head", "taylor", "jvp")
@@ -482,11 +485,13 @@ def model_batch_size(hidden, params, dtype, order: int) -> int:
     """Alphas the model part of a head closure takes at a time (per device).
 
     The element count (`default_chunk_size`), raised until the largest product with a
-    constant operand sees WEIGHT_ROWS rows per read, while the largest intermediate stays
-    within MAX_CHUNK_ELEMENTS."""
+    constant operand sees WEIGHT_ROWS rows per batch summed over the order + 1 streams of
+    the series (each stream's product runs on the same weight back to back; what must stay
+    in cache between a product and the map that consumes it is every stream's intermediate),
+    while the largest intermediate stays within MAX_CHUNK_ELEMENTS."""
     inter = largest_intermediate(hidden, params, dtype)
     batch = default_chunk_size(1, 1, 1, inter, order)
-    rows = weight_rows(hidden, params, dtype)
+    rows = weight_rows(hidden, params, dtype) * (order + 1)
     if rows:
         batch = max(batch, min(-(-WEIGHT_ROWS // rows), default_chunk_size(1, 1, 1, inter, order, MAX_CHUNK_ELEMENTS)))
     return batch
