@@ -40,6 +40,7 @@ minute, its ratios are not meaningful), "default" measures every target, "full" 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -103,6 +104,7 @@ TARGET_PAPER_LAST = 25.0   # last position: values and values + derivatives >= 2
 TARGET_PAPER_ALL = 3.0     # all positions: values + derivatives >= 3x faster than central differences
 TARGET_SHARE_LAST = 0.40   # share of the machine's float32 matmul rate, last position
 TARGET_SHARE_ALL = 0.55    # ... all positions
+STREAM_ROWS = 6144         # rows of the three-stream floor: more than one block, so the cache does not hold them
 TARGET_SERIES = 3.2        # values + both derivatives <= 3.2x values (three streams of products)
 # float32 against float64 (README): probabilities and concept curves to 1e-5 absolute, every
 # other curve and every derivative to 1e-4 of the curve's own scale.
@@ -856,7 +858,8 @@ def section_paper(sz: dict, rounds: int) -> Section:
     import jax.numpy as jnp
 
     from ufmjax.kernel import closure_jets, sweep, top_tokens
-    from ufmjax.kernel.driver import WEIGHT_ROWS
+    from ufmjax import steering
+    from ufmjax.kernel.driver import model_batch_size, weight_rows
     from ufmjax.models.hf import load_decoder, steered_closure
 
     spec = importlib.util.spec_from_file_location("ufmjax_paper_bench", Path(__file__).with_name("paper.py"))
@@ -892,8 +895,14 @@ def section_paper(sz: dict, rounds: int) -> Section:
             # rate of the moment, not of the section's start, is what a share divides by.
             probe, probe_flops = paper.matmul_probe()
             fns = {"values": lambda: ours(0), "derivatives": lambda: ours(2), "matmul": probe}
-            if positions == "all":  # the three-stream floor, at the rows one model batch of values sees
-                fns["one stream"], fns["three streams"] = paper.stream_probe(WEIGHT_ROWS, D)
+            if positions == "all":  # the three-stream floor, in the blocks the model part's batches see
+                hidden = steering.head_of(st.fn).hidden
+                per_alpha = weight_rows(hidden, st.params, jnp.float32)
+                block_one, block_three = (per_alpha * model_batch_size(hidden, st.params, jnp.float32, o)
+                                          for o in (0, 2))
+                lcm = math.lcm(block_one, block_three)
+                stream_rows = lcm * -(-STREAM_ROWS // lcm)
+                fns["one stream"], fns["three streams"] = paper.stream_probe(stream_rows, D, block_one, block_three)
             if torch_paper is not None:
                 fns["paper values"] = lambda: torch_paper.logits(prompts, v, layer, alphas, positions)
                 fns["paper central differences"] = lambda: torch_paper.central_differences(
@@ -924,8 +933,9 @@ def section_paper(sz: dict, rounds: int) -> Section:
             if positions == "all":
                 s.rows.append(Row("three independent streams of the model's MLP products / one stream (this "
                                   "machine's floor for derivatives / values)", t["three streams"] / t["one stream"],
-                                  "x", note=f"[{WEIGHT_ROWS}, {D}] @ [{D}, {4 * D}], GELU, @ [{4 * D}, {D}] in "
-                                            "one program, timed in the same rounds"))
+                                  "x", note=f"[{stream_rows}, {D}] @ [{D}, {4 * D}], GELU, @ [{4 * D}, {D}], "
+                                            f"in blocks of {block_one} rows (one stream) and {block_three} "
+                                            "(three), the model part's batches; timed in the same rounds"))
             if torch_paper is None:
                 continue
             vs, cd = t["paper values"] / t["values"], t["paper central differences"] / t["derivatives"]

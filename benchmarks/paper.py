@@ -132,15 +132,21 @@ def matmul_probe(n: int | None = None):
     return (lambda: jax.block_until_ready(f(a))), 2.0 * n ** 3
 
 
-def stream_probe(rows: int, width: int):
-    """(one, three): one stream of an MLP's products ([rows, D] @ [D, 4D], GELU, @ [4D, D]) and
-    three independent streams of the same shape in one program, compiled and warmed up. Three
-    streams of products are what a Taylor-series pass costs at least, so three / one is this
-    machine's floor for derivatives / values on a model made of such products (on a 2-core CPU
-    measured above 3: the three streams' intermediates do not stay in cache as one does)."""
+def stream_probe(rows: int, width: int, block_one: int, block_three: int):
+    """(one, three): one stream of an MLP's products ([rows, D] @ [D, 4D], GELU, @ [4D, D])
+    walked in blocks of `block_one` rows, and three independent streams of the same shape
+    walked together in blocks of `block_three` rows (`jax.lax.map`, as the kernel's model part
+    walks its batches), compiled and warmed up. Three streams of products are what a
+    Taylor-series pass costs at least, so three / one is this machine's floor for derivatives
+    / values on a model made of such products. `rows` should exceed what the cache holds: a
+    probe that repeats one small block finds its whole working set still in cache from the
+    call before (one [2048, 1536] intermediate fits a 32 MB cache, three do not), which no
+    sweep does; that version read 3.3-4.0x where streaming reads 3.1-3.2x."""
     import jax
     import jax.numpy as jnp
 
+    if rows % block_one or rows % block_three:
+        raise ValueError(f"rows ({rows}) must be a multiple of block_one ({block_one}) and block_three ({block_three})")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, rows, width), dtype=np.float32))
     w1 = jnp.asarray(rng.standard_normal((4 * width, width), dtype=np.float32) / np.sqrt(width))
@@ -149,8 +155,17 @@ def stream_probe(rows: int, width: int):
     def mlp(x_RxD):
         return jnp.einsum("rf,df->rd", jax.nn.gelu(jnp.einsum("rd,fd->rf", x_RxD, w1)), w2)
 
-    f1 = jax.jit(lambda x: mlp(x[0]))
-    f3 = jax.jit(lambda x: [mlp(x[i]) for i in range(3)])
+    def blocks(x_SxRxD, block):  # [S, R, D] -> [R / block, S, block, D]
+        return x_SxRxD.reshape(x_SxRxD.shape[0], rows // block, block, width).transpose(1, 0, 2, 3)
+
+    def one_fn(x):
+        return jax.lax.map(lambda b: mlp(b[0]), blocks(x[:1], block_one)).reshape(rows, width)
+
+    def three_fn(x):
+        y = jax.lax.map(lambda b: [mlp(b[i]) for i in range(3)], blocks(x, block_three))
+        return [yi.reshape(rows, width) for yi in y]
+
+    f1, f3 = jax.jit(one_fn), jax.jit(three_fn)
     jax.block_until_ready((f1(x), f3(x)))
     return (lambda: jax.block_until_ready(f1(x))), (lambda: jax.block_until_ready(f3(x)))
 
