@@ -40,7 +40,6 @@ minute, its ratios are not meaningful), "default" measures every target, "full" 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import subprocess
@@ -900,9 +899,8 @@ def section_paper(sz: dict, rounds: int) -> Section:
                 per_alpha = weight_rows(hidden, st.params, jnp.float32)
                 block_one, block_three = (per_alpha * model_batch_size(hidden, st.params, jnp.float32, o)
                                           for o in (0, 2))
-                lcm = math.lcm(block_one, block_three)
-                stream_rows = lcm * -(-STREAM_ROWS // lcm)
-                fns["one stream"], fns["three streams"] = paper.stream_probe(stream_rows, D, block_one, block_three)
+                fns["one stream"], fns["three streams"], stream_rows = paper.stream_probe(
+                    STREAM_ROWS, D, block_one, block_three)
             if torch_paper is not None:
                 fns["paper values"] = lambda: torch_paper.logits(prompts, v, layer, alphas, positions)
                 fns["paper central differences"] = lambda: torch_paper.central_differences(
@@ -932,10 +930,12 @@ def section_paper(sz: dict, rounds: int) -> Section:
                               note=f"arithmetic (XLA flop count) {f2 / f0:.2f}x"))
             if positions == "all":
                 s.rows.append(Row("three independent streams of the model's MLP products / one stream (this "
-                                  "machine's floor for derivatives / values)", t["three streams"] / t["one stream"],
-                                  "x", note=f"[{stream_rows}, {D}] @ [{D}, {4 * D}], GELU, @ [{4 * D}, {D}], "
-                                            f"in blocks of {block_one} rows (one stream) and {block_three} "
-                                            "(three), the model part's batches; timed in the same rounds"))
+                                  "machine's floor for derivatives / values)",
+                                  (t["three streams"] / stream_rows[1]) / (t["one stream"] / stream_rows[0]),
+                                  "x", note=f"[R, {D}] @ [{D}, {4 * D}], GELU, @ [{4 * D}, {D}] per row, R = "
+                                            f"{stream_rows[0]} in blocks of {block_one} rows (one stream), "
+                                            f"{stream_rows[1]} in blocks of {block_three} (three): the model "
+                                            "part's batches; timed in the same rounds"))
             if torch_paper is None:
                 continue
             vs, cd = t["paper values"] / t["values"], t["paper central differences"] / t["derivatives"]

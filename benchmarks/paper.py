@@ -133,41 +133,45 @@ def matmul_probe(n: int | None = None):
 
 
 def stream_probe(rows: int, width: int, block_one: int, block_three: int):
-    """(one, three): one stream of an MLP's products ([rows, D] @ [D, 4D], GELU, @ [4D, D])
-    walked in blocks of `block_one` rows, and three independent streams of the same shape
-    walked together in blocks of `block_three` rows (`jax.lax.map`, as the kernel's model part
-    walks its batches), compiled and warmed up. Three streams of products are what a
-    Taylor-series pass costs at least, so three / one is this machine's floor for derivatives
-    / values on a model made of such products. `rows` should exceed what the cache holds: a
-    probe that repeats one small block finds its whole working set still in cache from the
-    call before (one [2048, 1536] intermediate fits a 32 MB cache, three do not), which no
-    sweep does; that version read 3.3-4.0x where streaming reads 3.1-3.2x."""
+    """(one, three, (rows_one, rows_three)): one stream of an MLP's products ([R, D] @ [D, 4D],
+    GELU, @ [4D, D]) walked in blocks of `block_one` rows, and three independent streams of
+    the same shape walked together in blocks of `block_three` rows (`jax.lax.map`, as the
+    kernel's model part walks its batches), compiled and warmed up. Each walks at least `rows`
+    rows, whole blocks only: rows_one and rows_three say how many, so three / one is compared
+    per row. Three streams of products are what a Taylor-series pass costs at least, so that
+    ratio is this machine's floor for derivatives / values on a model made of such products.
+    `rows` should exceed what the cache holds: a probe that repeats one small block finds its
+    whole working set still in cache from the call before (one [2048, 1536] intermediate fits
+    a 32 MB cache, three do not), which no sweep does; that version read 3.3-4.0x where
+    streaming reads 3.1-3.2x."""
     import jax
     import jax.numpy as jnp
 
-    if rows % block_one or rows % block_three:
-        raise ValueError(f"rows ({rows}) must be a multiple of block_one ({block_one}) and block_three ({block_three})")
+    for name, value in (("rows", rows), ("width", width), ("block_one", block_one), ("block_three", block_three)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    n1, n3 = (block * -(-rows // block) for block in (block_one, block_three))
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((3, rows, width), dtype=np.float32))
     w1 = jnp.asarray(rng.standard_normal((4 * width, width), dtype=np.float32) / np.sqrt(width))
     w2 = jnp.asarray(rng.standard_normal((width, 4 * width), dtype=np.float32) / np.sqrt(4 * width))
+    x = jnp.asarray(rng.standard_normal((3, max(n1, n3), width), dtype=np.float32))
 
     def mlp(x_RxD):
         return jnp.einsum("rf,df->rd", jax.nn.gelu(jnp.einsum("rd,fd->rf", x_RxD, w1)), w2)
 
-    def blocks(x_SxRxD, block):  # [S, R, D] -> [R / block, S, block, D]
-        return x_SxRxD.reshape(x_SxRxD.shape[0], rows // block, block, width).transpose(1, 0, 2, 3)
+    def blocks(x_SxRxD, n, block):  # the first n rows of [S, R, D] -> [n / block, S, block, D]
+        return x_SxRxD[:, :n].reshape(x_SxRxD.shape[0], n // block, block, width).transpose(1, 0, 2, 3)
 
     def one_fn(x):
-        return jax.lax.map(lambda b: mlp(b[0]), blocks(x[:1], block_one)).reshape(rows, width)
+        return jax.lax.map(lambda b: mlp(b[0]), blocks(x[:1], n1, block_one)).reshape(n1, width)
 
     def three_fn(x):
-        y = jax.lax.map(lambda b: [mlp(b[i]) for i in range(3)], blocks(x, block_three))
-        return [yi.reshape(rows, width) for yi in y]
+        y = jax.lax.map(lambda b: [mlp(b[i]) for i in range(3)], blocks(x, n3, block_three))
+        return [yi.reshape(n3, width) for yi in y]
 
     f1, f3 = jax.jit(one_fn), jax.jit(three_fn)
     jax.block_until_ready((f1(x), f3(x)))
-    return (lambda: jax.block_until_ready(f1(x))), (lambda: jax.block_until_ready(f3(x)))
+    return (lambda: jax.block_until_ready(f1(x))), (lambda: jax.block_until_ready(f3(x))), (n1, n3)
 
 
 def matmul_rate(rounds: int = 5, n: int | None = None) -> float:

@@ -266,13 +266,18 @@ def test_stream_probe_runs_three_independent_streams_of_the_same_products():
     spec = importlib.util.spec_from_file_location("paper_bench", Path(bench.__file__).with_name("paper.py"))
     paper = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(paper)
-    one, three = paper.stream_probe(96, 16, 32, 48)
+    one, three, (n1, n3) = paper.stream_probe(90, 16, 32, 48)
+    assert (n1, n3) == (96, 96)  # whole blocks, at least the rows asked for
     y1, y3 = np.asarray(one()), [np.asarray(y) for y in three()]
     assert y1.shape == (96, 16) and [y.shape for y in y3] == [(96, 16)] * 3
     np.testing.assert_allclose(y3[0], y1, rtol=1e-5, atol=1e-6)
     assert np.abs(y3[1] - y3[0]).max() > 1e-2 and np.abs(y3[2] - y3[1]).max() > 1e-2
-    # every row of the blocked walk is the product of its own input row (blocks put back in order)
-    one_whole, _ = paper.stream_probe(96, 16, 96, 96)
+    # every row of the blocked walk is the product of its own input row (blocks put back in order;
+    # the first stream's inputs do not depend on how many rows are drawn)
+    one_whole, _, (n, _) = paper.stream_probe(96, 16, 96, 40)
+    assert n == 96
     np.testing.assert_allclose(np.asarray(one_whole()), y1, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="multiple of block_one"):
-        paper.stream_probe(100, 16, 32, 48)
+    _, three_ragged, (_, n3) = paper.stream_probe(96, 16, 96, 40)
+    assert n3 == 120 and np.asarray(three_ragged()[0]).shape == (120, 16)
+    with pytest.raises(ValueError, match="block_three must be a positive integer"):
+        paper.stream_probe(100, 16, 32, 0)
