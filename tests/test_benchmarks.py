@@ -274,10 +274,9 @@ def test_stream_probe_runs_three_independent_streams_of_the_same_products():
     assert np.abs(y3[1] - y3[0]).max() > 1e-2 and np.abs(y3[2] - y3[1]).max() > 1e-2
     # every row of the blocked walk is the product of its own input row (blocks put back in order;
     # the first stream's inputs do not depend on how many rows are drawn)
-    one_whole, _, (n, _) = paper.stream_probe(96, 16, 96, 40)
+    one_whole, three_ragged, (n, n3) = paper.stream_probe(96, 16, 96, 40)
     assert n == 96
     np.testing.assert_allclose(np.asarray(one_whole()), y1, rtol=1e-5, atol=1e-6)
-    _, three_ragged, (_, n3) = paper.stream_probe(96, 16, 96, 40)
     assert n3 == 120 and np.asarray(three_ragged()[0]).shape == (120, 16)
     with pytest.raises(ValueError, match="block_three must be a positive integer"):
         paper.stream_probe(100, 16, 32, 0)
